@@ -1,0 +1,384 @@
+"""Attention rollout: where a Vision Transformer looks, from its own attention weights.
+
+Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers": fuse each block's heads, add
+the identity for the residual connection, renormalise the rows and multiply the blocks' matrices
+from the first to the last; the class token's row over the patch columns is the map. Chefer et al.
+2021, "Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder
+Transformers", weight the attention by its gradient for a class-specific map
+(:func:`gradient_rollout`).
+
+The weights come from :func:`capture_attention`, which switches the encoder's attention modules to
+their explicit path only while it is active, so training never pays for visualisation.
+
+Command line::
+
+    python -m vit.rollout --checkpoint PATH --images a.jpg b.png --out-dir maps/
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vit.layers import Attention, EncoderBlock
+
+__all__ = [
+    "attention_rollout",
+    "capture_attention",
+    "colorize",
+    "gradient_rollout",
+    "log_rollout",
+    "overlay",
+    "rollout_grid",
+    "rollout_maps",
+    "rollout_to_maps",
+    "unwrap_model",
+]
+
+HeadFusion = Literal["mean", "max", "min"]
+_FUSIONS = ("mean", "max", "min")
+
+
+# ----------------------------------------------------------------------------------------------
+# Capturing the weights
+# ----------------------------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that owns the parameters: strips ``torch.compile`` (``_orig_mod``), DDP /
+    DataParallel and timm's ModelEma (``.module``) wrappers, in any nesting."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel) or (
+            type(model).__name__.startswith("ModelEma")
+            and isinstance(getattr(model, "module", None), nn.Module)
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def _encoder_attentions(model: nn.Module) -> list[Attention]:
+    inner = unwrap_model(model)
+    found = [m.attn for m in inner.modules() if isinstance(m, EncoderBlock)]
+    if not found:
+        raise ValueError(
+            f"{type(inner).__name__} has no vit.layers.EncoderBlock to record attention from; "
+            f"pass a vit VisionTransformer (timm models: convert them with vit.models.from_timm)"
+        )
+    return found
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Record every encoder block's softmax attention weights while the context is active.
+
+    Yields a list that receives one (B, heads, L, L) tensor per block per forward pass, in
+    execution order (L = prefix tokens + patches). The weights keep their autograd graph when
+    the forward runs with gradients (see :func:`gradient_rollout`). Outside the context, and after
+    an exception inside it, the attention modules are back on their fused path and record nothing.
+    Works through ``torch.compile``, DDP and EMA wrappers (the underlying modules are switched) and
+    on models from :func:`vit.models.from_timm`.
+    """
+    modules = _encoder_attentions(model)
+    if any(m.recorder is not None for m in modules):
+        raise RuntimeError(
+            "capture_attention is already active on this model; nesting is not supported"
+        )
+    attentions: list[Tensor] = []
+    try:
+        for m in modules:
+            m.recorder = attentions.append
+        yield attentions
+    finally:
+        for m in modules:
+            m.recorder = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------------------
+def _check_attentions(attentions: Sequence[Tensor]) -> None:
+    if isinstance(attentions, Tensor) or not isinstance(attentions, Sequence):
+        raise TypeError(
+            "attentions must be a list of (B, heads, L, L) tensors, one per block (what "
+            f"capture_attention yields), got {type(attentions).__name__}"
+        )
+    if len(attentions) == 0:
+        raise ValueError(
+            "no attention weights to roll out: run the model's forward pass inside "
+            "`with capture_attention(model) as attentions:`"
+        )
+    first = attentions[0]
+    for i, a in enumerate(attentions):
+        if not isinstance(a, Tensor) or a.ndim != 4 or a.shape[-1] != a.shape[-2]:
+            shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+            raise ValueError(
+                f"attentions[{i}] must be a (B, heads, L, L) tensor of self-attention weights, "
+                f"got {shape}"
+            )
+        if a.shape != first.shape:
+            raise ValueError(
+                f"attentions[{i}] has shape {tuple(a.shape)} but attentions[0] has "
+                f"{tuple(first.shape)}; pass the weights of one forward pass of one model"
+            )
+
+
+def _fuse_heads(a: Tensor, head_fusion: str) -> Tensor:
+    """(B, heads, L, L) → (B, L, L)."""
+    if head_fusion == "mean":
+        return a.mean(dim=1)
+    if head_fusion == "max":
+        return a.amax(dim=1)
+    return a.amin(dim=1)
+
+
+def _discard_lowest(a: Tensor, ratio: float, class_token: bool) -> Tensor:
+    """Zero the lowest ``ratio`` share of each image's weights, never the class-token column:
+    attention to the class token is the path by which patch information reaches the output."""
+    if ratio == 0.0:
+        return a
+    n = a.shape[1]
+    keep_cols = 1 if class_token else 0
+    candidates = rearrange(a[:, :, keep_cols:], "b l s -> b (l s)")  # (B, L·(L-1)) or (B, L·L)
+    k = int(candidates.shape[1] * ratio)
+    if k == 0:
+        return a
+    idx = candidates.topk(k, dim=1, largest=False).indices
+    candidates = candidates.scatter(1, idx, 0.0)
+    rest = rearrange(candidates, "b (l s) -> b l s", l=n)
+    return torch.cat([a[:, :, :keep_cols], rest], dim=2)
+
+
+def attention_rollout(
+    attentions: Sequence[Tensor],
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+    *,
+    class_token: bool = True,
+) -> Tensor:
+    """Attention rollout (Abnar & Zuidema 2020): the joint attention (B, L, L) of the output tokens
+    to the input tokens, through all blocks from ``start_layer`` on.
+
+    Per block: fuse the heads (``"mean"`` as in the paper; ``"max"``/``"min"`` as in Gildenblat's
+    vit-explain), zero the lowest ``discard_ratio`` share of the weights (never the class-token
+    column, which ``class_token=False`` disables for mean-pooled models), add the identity for the
+    residual connection, renormalise the rows; then multiply from the first block to the last,
+    ``Ã_l = A_l · Ã_{l-1}``. Rows of the result sum to 1.
+    """
+    _check_attentions(attentions)
+    if head_fusion not in _FUSIONS:
+        raise ValueError(f"head_fusion must be one of {_FUSIONS}, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
+    if not isinstance(start_layer, int) or not 0 <= start_layer < len(attentions):
+        raise ValueError(
+            f"start_layer must be an integer in [0, {len(attentions)}) for {len(attentions)} "
+            f"blocks, got {start_layer!r}"
+        )
+    n = attentions[0].shape[-1]
+    eye = torch.eye(n, device=attentions[0].device)
+    joint: Tensor | None = None
+    for a in attentions[start_layer:]:
+        fused = _fuse_heads(a.detach().float(), head_fusion)  # (B, L, L)
+        fused = _discard_lowest(fused, discard_ratio, class_token) + eye
+        fused = fused / fused.sum(dim=-1, keepdim=True)
+        joint = fused if joint is None else torch.bmm(fused, joint)
+    assert joint is not None  # start_layer < len(attentions)
+    return joint
+
+
+def gradient_rollout(
+    model: nn.Module,
+    images: Tensor,
+    target: Tensor | int | None = None,
+    *,
+    start_layer: int = 0,
+) -> Tensor:
+    """Class-specific relevance (Chefer et al. 2021, "Generic Attention-model Explainability",
+    eq. 5-6): per block ``Ā = mean_heads((∇A ⊙ A)⁺)``, then ``R ← R + Ā·R`` from ``R = I``.
+
+    ``target``: the class to explain per image (B,), one class for all, or ``None`` for the
+    predicted class. Returns the relevance (B, L, L); :func:`rollout_to_maps` turns it into maps.
+    Runs in eval mode (restored afterwards) and leaves the parameters' ``.grad`` untouched.
+    """
+    inner = unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.enable_grad(), capture_attention(inner) as attentions:
+            logits = inner(images)
+        if logits.ndim != 2:
+            raise ValueError(
+                f"gradient_rollout needs a classifier returning (B, classes) logits, got "
+                f"{tuple(logits.shape)}"
+            )
+        if target is None:
+            target = logits.argmax(dim=1)
+        target = torch.as_tensor(target, device=logits.device).expand(logits.shape[0])
+        score = logits.gather(1, target[:, None]).sum()
+        grads = torch.autograd.grad(score, attentions)
+    finally:
+        inner.train(was_training)
+    if not 0 <= start_layer < len(attentions):
+        raise ValueError(f"start_layer must be in [0, {len(attentions)}), got {start_layer!r}")
+    n = attentions[0].shape[-1]
+    relevance = torch.eye(n, device=images.device).expand(images.shape[0], n, n)
+    for a, g in list(zip(attentions, grads, strict=True))[start_layer:]:
+        cam = (g * a).detach().float().clamp(min=0).mean(dim=1)  # (B, L, L)
+        relevance = relevance + torch.bmm(cam, relevance)
+    return relevance
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps and rendering
+# ----------------------------------------------------------------------------------------------
+def _normalise(maps: Tensor) -> Tensor:
+    """Per image to [0, 1]; a constant map becomes all zeros (there is nothing to highlight)."""
+    flat = rearrange(maps, "b h w -> b (h w)")
+    lo = flat.amin(dim=1)[:, None, None]
+    span = (flat.amax(dim=1)[:, None, None] - lo).clamp_min(1e-12)
+    return (maps - lo) / span
+
+
+def rollout_to_maps(
+    joint: Tensor,
+    grid_size: tuple[int, int] | int,
+    image_size: tuple[int, int] | int | None = None,
+    *,
+    class_token: bool = True,
+) -> Tensor:
+    """Joint attention (B, L, L) → per-image maps normalised to [0, 1].
+
+    With a class token the map is its row over the patch columns; without one (mean pooling) the
+    mean over all rows, since every token contributes equally to the pooled output. Returned on the
+    patch grid (B, gh, gw), or bilinearly upsampled to ``image_size`` (B, H, W).
+    """
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    prefix = 1 if class_token else 0
+    if joint.ndim != 3 or joint.shape[1] != joint.shape[2] or joint.shape[2] != prefix + gh * gw:
+        raise ValueError(
+            f"joint attention of shape {tuple(joint.shape)} does not fit a {gh}x{gw} patch grid "
+            f"{'with' if class_token else 'without'} a class token (expected (B, {prefix + gh * gw}"
+            f", {prefix + gh * gw})); pass the model's grid_size and class_token"
+        )
+    weights = joint[:, 0, prefix:] if class_token else joint.mean(dim=1)  # (B, N)
+    maps = rearrange(weights, "b (gh gw) -> b gh gw", gh=gh, gw=gw)
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return _normalise(maps)
+
+
+def _model_geometry(model: nn.Module) -> tuple[tuple[int, int], bool]:
+    inner = unwrap_model(model)
+    patch_embed = getattr(inner, "patch_embed", None)
+    if patch_embed is None:
+        raise ValueError(f"{type(inner).__name__} has no patch_embed; pass a VisionTransformer")
+    return tuple(patch_embed.grid_size), getattr(inner, "num_prefix_tokens", 1) > 0
+
+
+def rollout_maps(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+    image_size: tuple[int, int] | int | None = None,
+) -> Tensor:
+    """One call: the rollout maps (B, H, W) in [0, 1] of ``model`` for normalised ``images``.
+
+    Runs one forward pass without gradients (in the model's current mode) and upsamples the maps
+    to ``image_size`` (default: the input's size).
+    """
+    grid, class_token = _model_geometry(model)
+    with torch.no_grad(), capture_attention(model) as attentions:
+        unwrap_model(model)(images)
+    joint = attention_rollout(
+        attentions, head_fusion, discard_ratio, start_layer, class_token=class_token
+    )
+    return rollout_to_maps(
+        joint, grid, image_size or tuple(images.shape[-2:]), class_token=class_token
+    )
+
+
+def colorize(maps: Tensor) -> Tensor:
+    """Maps (B, H, W) in [0, 1] → RGB heatmaps (B, 3, H, W) with the jet colormap.
+
+    The piecewise-linear jet ramp is written out so rendering needs no matplotlib.
+    """
+    x = maps.clamp(0, 1)[:, None]
+    centres = torch.tensor([0.75, 0.5, 0.25], device=maps.device)[None, :, None, None]  # r, g, b
+    return (1.5 - (4 * x - 4 * centres).abs()).clamp(0, 1)
+
+
+def overlay(display: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
+    """Blend RGB images (B, 3, H, W) in [0, 1] with the heatmaps of ``maps`` (B, H, W)."""
+    return ((1 - alpha) * display + alpha * colorize(maps)).clamp(0, 1)
+
+
+def rollout_grid(display: Tensor, maps: Tensor, alpha: float = 0.5) -> Tensor:
+    """One (3, H', W') image: a row per image with image | heatmap | overlay."""
+    from torchvision.utils import make_grid
+
+    heat = colorize(maps)
+    rows = torch.stack([display, heat, overlay(display, maps, alpha)], dim=1)  # (B, 3, C, H, W)
+    return make_grid(rearrange(rows, "b k c h w -> (b k) c h w"), nrow=3, padding=2, pad_value=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard hook for the training engine
+# ----------------------------------------------------------------------------------------------
+def log_rollout(
+    writer: Any,
+    model: nn.Module,
+    images: Tensor,
+    display: Tensor,
+    step: int,
+    *,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    per_layer: bool = False,
+) -> None:
+    """Write rollout maps of a fixed image batch to TensorBoard.
+
+    ``images``: the normalised batch on the model's device; ``display``: the same images as float
+    RGB in [0, 1], (B, 3, H, W) on the CPU. Writes ``rollout/maps`` (a row per image: image |
+    heatmap | overlay) at ``step``, and with ``per_layer`` ``rollout/per_layer`` (a row per image,
+    a column per block: the head-mean attention of the class token, or of all tokens for
+    mean-pooled models). Runs one forward pass in eval mode without gradients, then restores the
+    model's mode.
+    """
+    inner = unwrap_model(model)
+    grid, class_token = _model_geometry(inner)
+    size = tuple(display.shape[-2:])
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), capture_attention(inner) as attentions:
+            inner(images)
+    finally:
+        inner.train(was_training)
+    attentions = [a.float().cpu() for a in attentions]
+    joint = attention_rollout(attentions, head_fusion, discard_ratio, class_token=class_token)
+    maps = rollout_to_maps(joint, grid, size, class_token=class_token)
+    display = display.float().cpu()
+    writer.add_image("rollout/maps", rollout_grid(display, maps), step)
+    if per_layer:
+        from torchvision.utils import make_grid
+
+        # Raw per-block attention (no rollout): a block's own head-mean weights as the "joint".
+        layers = [
+            rollout_to_maps(a.mean(dim=1), grid, size, class_token=class_token) for a in attentions
+        ]
+        heat = colorize(rearrange(torch.stack(layers, dim=1), "b l h w -> (b l) h w"))
+        writer.add_image(
+            "rollout/per_layer", make_grid(heat, nrow=len(layers), padding=2, pad_value=1.0), step
+        )
