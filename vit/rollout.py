@@ -243,8 +243,11 @@ def _normalise(maps: Tensor) -> Tensor:
     """Per image to [0, 1]; a constant map becomes all zeros (there is nothing to highlight)."""
     flat = rearrange(maps, "b h w -> b (h w)")
     lo = flat.amin(dim=1)[:, None, None]
-    span = (flat.amax(dim=1)[:, None, None] - lo).clamp_min(1e-12)
-    return (maps - lo) / span
+    hi = flat.amax(dim=1)[:, None, None]
+    span = hi - lo
+    # Differences at float32 rounding level are not structure: do not stretch them to [0, 1].
+    flat_map = span <= 1e-5 * hi.abs().clamp_min(1e-12)
+    return torch.where(flat_map, torch.zeros_like(maps), (maps - lo) / span.clamp_min(1e-12))
 
 
 def rollout_to_maps(
