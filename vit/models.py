@@ -298,6 +298,11 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# Registers the vit_* variants in timm as vitpkg_*; imported here, after everything it uses is
+# defined, so that `import vit.models` is enough for timm.create_model("vitpkg_...").
+from vit import timm_interop as _timm_interop  # noqa: E402, F401
+
+
 # ----------------------------------------------------------------------------------------------
 # Image captioning: ViT encoder + Transformer decoder
 # ----------------------------------------------------------------------------------------------
