@@ -253,3 +253,27 @@ def test_log_rollout_writes_grids_and_restores_mode():
     torch.testing.assert_close(grid[:, 2:18, 2:18], display[0])  # the image itself, first
     layers, _ = writer.images["rollout/per_layer"]
     assert layers.shape == (3, 4 * 18 + 2, 2 * 18 + 2)  # a column per block
+
+
+def test_capture_on_from_timm_model_equals_timm_attention():
+    import timm
+
+    from vit.models import from_timm
+
+    torch.manual_seed(0)
+    reference = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=2, num_heads=2
+    ).eval()
+    theirs = []
+    for block in reference.blocks:  # timm's explicit path passes the softmax through attn_drop
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda mod, inp, out: theirs.append(out))
+    ours = from_timm(reference).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference(images)
+        with capture_attention(ours) as attentions:
+            ours(images)
+    assert len(attentions) == len(theirs) == 2
+    for a, b in zip(attentions, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
