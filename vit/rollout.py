@@ -385,3 +385,169 @@ def log_rollout(
         writer.add_image(
             "rollout/per_layer", make_grid(heat, nrow=len(layers), padding=2, pad_value=1.0), step
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m vit.rollout --checkpoint PATH --images a.jpg b.png --out-dir maps/
+# ----------------------------------------------------------------------------------------------
+class _CliError(Exception):
+    """A problem with the user's input: reported as one line on stderr, exit code 2."""
+
+
+def _load_images(paths: list[str]) -> list[Any]:
+    """Open every image as RGB (PIL), refusing files that are not images."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except FileNotFoundError:
+            raise _CliError(f"image not found: {path}") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise _CliError(
+                f"{path} is not a readable image ({type(exc).__name__}); pass PNG/JPEG files"
+            ) from None
+    return images
+
+
+def _to_tensor(img: Any) -> Tensor:
+    """PIL RGB image → float (3, H, W) in [0, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def _output_paths(paths: list[str], out_dir: Any) -> list[Any]:
+    from pathlib import Path
+
+    seen: dict[str, int] = {}
+    outs = []
+    for p in paths:
+        stem = Path(p).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        suffix = f"_{seen[stem]}" if seen[stem] > 1 else ""  # a/x.png and b/x.png both survive
+        outs.append(Path(out_dir) / f"{stem}{suffix}_rollout.png")
+    return outs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vit.rollout``: rollout overlays (image | heatmap | overlay PNGs) for images."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vit.rollout",
+        description="Attention-rollout maps (Abnar & Zuidema 2020) of a trained checkpoint.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    parser.add_argument("--images", nargs="+", required=True, help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--out-dir", default="maps", help="where the PNGs go (default: maps)")
+    parser.add_argument("--tensorboard", metavar="DIR", help="also write the maps as an event file")
+    parser.add_argument("--head-fusion", choices=_FUSIONS, default="mean")
+    parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1)")
+    parser.add_argument("--start-layer", type=int, default=0, help="first block of the rollout")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    args = parser.parse_args(argv)
+    try:
+        _run_cli(args)
+    except _CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_cli(args: Any) -> None:
+    import sys
+
+    from torchvision.utils import save_image
+
+    if not 0.0 <= args.discard_ratio < 1.0:
+        raise _CliError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    model, normalise = _load_model(args.checkpoint, args.device)
+    size = model.patch_embed.img_size
+    depth = len(_encoder_attentions(model))
+    if not 0 <= args.start_layer < depth:
+        raise _CliError(f"--start-layer must be in [0, {depth}) for this {depth}-block model")
+    pil_images = _load_images(args.images)
+
+    from PIL import Image
+
+    display, originals = [], []
+    for path, img in zip(args.images, pil_images, strict=True):
+        if img.size != (size, size):
+            print(
+                f"note: {path} is {img.size[0]}x{img.size[1]}; resized to {size}x{size}, the "
+                f"model's input size",
+                file=sys.stderr,
+            )
+        display.append(_to_tensor(img.resize((size, size), Image.BILINEAR)))
+        originals.append(img)
+    display_batch = torch.stack(display)  # (B, 3, size, size) in [0, 1]
+    images = normalise(display_batch).to(args.device)
+
+    grid, class_token = _model_geometry(model)
+    with torch.no_grad(), capture_attention(model) as attentions:
+        probs = model(images).softmax(dim=-1)
+    joint = attention_rollout(
+        [a.float().cpu() for a in attentions],
+        args.head_fusion,
+        args.discard_ratio,
+        args.start_layer,
+        class_token=class_token,
+    )
+    from pathlib import Path
+
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    for i, (img, out) in enumerate(
+        zip(originals, _output_paths(args.images, args.out_dir), strict=True)
+    ):
+        # Small images (CIFAR's 32 px) are enlarged with nearest-neighbour so the maps are visible.
+        factor = max(1, -(-128 // max(img.size)))
+        shown = _to_tensor(img.resize((img.size[0] * factor, img.size[1] * factor), Image.NEAREST))
+        maps = rollout_to_maps(
+            joint[i : i + 1], grid, tuple(shown.shape[-2:]), class_token=class_token
+        )
+        save_image(rollout_grid(shown[None], maps), out)
+        conf, cls = probs[i].max(dim=0)
+        print(f"{args.images[i]} -> {out} (class {cls.item()}, p={conf.item():.2f})")
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(args.tensorboard) as writer:
+            log_rollout(
+                writer,
+                model,
+                images,
+                display_batch,
+                0,
+                head_fusion=args.head_fusion,
+                discard_ratio=args.discard_ratio,
+            )
+        print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
+
+
+def _load_model(path: str, device: str) -> tuple[nn.Module, Any]:
+    """The checkpoint's model in eval mode and its input normalisation."""
+    from vit.models import create_model
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise _CliError(f"checkpoint not found: {path}") from None
+    except Exception as exc:
+        raise _CliError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise _CliError(
+            f"{path} holds no model weights (no 'model' entry); pass a train.py checkpoint"
+        )
+    model = create_model(ckpt["config"]["model"], **ckpt["config"].get("model_kwargs", {}))
+    model.load_state_dict(ckpt["model"])
+    mean = torch.tensor(ckpt["config"].get("mean", (0.5, 0.5, 0.5)))[:, None, None]
+    std = torch.tensor(ckpt["config"].get("std", (0.5, 0.5, 0.5)))[:, None, None]
+    return model.to(device).eval(), lambda x: (x - mean) / std
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
