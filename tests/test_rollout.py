@@ -277,3 +277,90 @@ def test_capture_on_from_timm_model_equals_timm_attention():
     assert len(attentions) == len(theirs) == 2
     for a, b in zip(attentions, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the training engine and the command line
+# ----------------------------------------------------------------------------------------------
+def _image_events(run_dir) -> dict[str, list[int]]:
+    """Image tags → steps, over every event file under ``run_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: dict[str, list[int]] = {}
+    for path in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            steps.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+    return steps
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny 2-epoch training run on synthetic data, with rollout images every epoch."""
+    from vit.train import main as train_main
+
+    out = tmp_path_factory.mktemp("run")
+    args = ["--data", "synthetic", "--img-size", "16", "--synthetic-train", "128"]
+    args += ["--synthetic-val", "32", "--epochs", "2", "--batch-size", "64", "--out-dir", str(out)]
+    args += ["--model-args", "{depth: 2, embed_dim: 32, num_heads: 2}", "--rollout-per-layer"]
+    assert train_main(args) == 0
+    return out
+
+
+def test_training_run_logs_rollout_images_every_epoch(run_dir):
+    events = _image_events(run_dir)
+    assert sorted(events["rollout/maps"]) == [2, 4]  # 2 steps per epoch, scrubbable by step
+    assert sorted(events["rollout/per_layer"]) == [2, 4]
+    assert (run_dir / "rollout_images.json").is_file()
+
+
+def _png(path, w, h):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_cli_writes_overlays_and_event_file(run_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from vit.rollout import main
+
+    a, b = _png(tmp_path / "a.png", 16, 16), _png(tmp_path / "b.jpg", 40, 24)
+    out, tb = tmp_path / "maps", tmp_path / "tb"
+    argv = ["--checkpoint", str(run_dir / "last.pt"), "--images", a, b, "--out-dir", str(out)]
+    argv += ["--tensorboard", str(tb), "--head-fusion", "max", "--discard-ratio", "0.9"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "b.jpg is 40x24; resized to 16x16" in err and "a.png" not in err
+    with Image.open(out / "a_rollout.png") as img:  # image | heatmap | overlay, enlarged to 128
+        assert img.size == (3 * 130 + 2, 132)
+    assert (out / "b_rollout.png").is_file()
+    assert _image_events(tb) == {"rollout/maps": [0]}
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "no_model", "not_a_checkpoint", "bad_ratio"])
+def test_cli_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, case):
+    from vit.rollout import main
+
+    image = _png(tmp_path / "a.png", 16, 16)
+    ckpt = str(run_dir / "last.pt")
+    extra = []
+    if case == "not_an_image":
+        (tmp_path / "notes.png").write_text("not pixels")
+        image, expected = str(tmp_path / "notes.png"), "notes.png is not a readable image"
+    elif case == "no_model":
+        state = torch.load(ckpt, weights_only=True)
+        del state["model"], state["model_spec"]
+        torch.save(state, tmp_path / "empty.pt")
+        ckpt, expected = str(tmp_path / "empty.pt"), "holds no model"
+    elif case == "not_a_checkpoint":
+        ckpt, expected = image, "a.png"
+    else:
+        extra, expected = ["--discard-ratio", "1.5"], "--discard-ratio must be in [0, 1)"
+    code = main(["--checkpoint", ckpt, "--images", image, "--out-dir", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and expected in err and "Traceback" not in err

@@ -465,7 +465,7 @@ def _run_cli(args: Any) -> None:
 
     if not 0.0 <= args.discard_ratio < 1.0:
         raise _CliError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
-    model, normalise = _load_model(args.checkpoint, args.device)
+    model, normalise, classes = _load_model(args.checkpoint, args.device)
     size = model.patch_embed.img_size
     depth = len(_encoder_attentions(model))
     if not 0 <= args.start_layer < depth:
@@ -511,7 +511,8 @@ def _run_cli(args: Any) -> None:
         )
         save_image(rollout_grid(shown[None], maps), out)
         conf, cls = probs[i].max(dim=0)
-        print(f"{args.images[i]} -> {out} (class {cls.item()}, p={conf.item():.2f})")
+        name = classes[cls.item()] if cls.item() < len(classes) else str(cls.item())
+        print(f"{args.images[i]} -> {out} (predicted {name}, p={conf.item():.2f})")
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -528,25 +529,30 @@ def _run_cli(args: Any) -> None:
         print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
 
 
-def _load_model(path: str, device: str) -> tuple[nn.Module, Any]:
-    """The checkpoint's model in eval mode and its input normalisation."""
-    from vit.models import create_model
+def _load_model(path: str, device: str) -> tuple[nn.Module, Any, list[str]]:
+    """The checkpoint's model (EMA weights when present) in eval mode, its input normalisation
+    and its class names, through the training engine's own loader."""
+    from vit.train import CheckpointError, load_model
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise _CliError(f"checkpoint not found: {path}") from None
-    except Exception as exc:
-        raise _CliError(f"cannot read checkpoint {path}: {exc}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        model, ckpt = load_model(path)
+    except CheckpointError as exc:
+        raise _CliError(str(exc)) from None
+    except KeyError as exc:  # a vit.train checkpoint stripped of its model
         raise _CliError(
-            f"{path} holds no model weights (no 'model' entry); pass a train.py checkpoint"
+            f"{path} holds no model (no {exc.args[0]!r} entry); pass a checkpoint written by "
+            f"train.py (last.pt or best.pt)"
+        ) from None
+    state = ckpt.get("task_state") or {}
+    if ckpt.get("task") != "classify" or "mean" not in state:
+        raise _CliError(
+            f"{path} is a {ckpt.get('task')!r} checkpoint; rollout maps need an image classifier "
+            f"trained with --task classify"
         )
-    model = create_model(ckpt["config"]["model"], **ckpt["config"].get("model_kwargs", {}))
-    model.load_state_dict(ckpt["model"])
-    mean = torch.tensor(ckpt["config"].get("mean", (0.5, 0.5, 0.5)))[:, None, None]
-    std = torch.tensor(ckpt["config"].get("std", (0.5, 0.5, 0.5)))[:, None, None]
-    return model.to(device).eval(), lambda x: (x - mean) / std
+    mean = torch.tensor(state["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(state["std"]).view(1, 3, 1, 1)
+    classes = list(state.get("classes") or [])
+    return model.to(device).eval(), lambda x: (x - mean) / std, classes
 
 
 if __name__ == "__main__":
