@@ -1,0 +1,462 @@
+"""Image classification data: CIFAR-10, image folders and a generated synthetic set.
+
+Every dataset holds its images decoded once as a uint8 tensor (N, H, W, 3) and returns
+``(uint8 (3, H, W), label)``; normalisation happens on the training device, so a GPU-resident loader
+can replace :func:`make_loader` without touching the datasets. Training augmentation is a pure
+function of ``(seed, epoch, index)``: a training dataset is indexed with ``(epoch, index)`` pairs
+(see :class:`EpochBatchSampler`), so resuming mid-epoch or changing the number of loader workers
+does not change a single pixel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+# albumentations otherwise asks PyPI for a newer version on import (a network call and a warning).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "SYNTHETIC_CLASSES",
+    "DataError",
+    "EpochBatchSampler",
+    "ImageDataset",
+    "build_transform",
+    "cifar10",
+    "image_folder",
+    "make_loader",
+    "sample_seed",
+    "synthetic",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A dataset cannot be found, read or used; the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic per-sample randomness
+# ----------------------------------------------------------------------------------------------
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed that is a pure function of ``(seed, epoch, index)`` (splitmix64 chain)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ epoch) ^ index) & 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+class ImageDataset(Dataset):
+    """Decoded images in memory, with an optional albumentations pipeline.
+
+    Args:
+        images: uint8 (N, H, W, 3). labels: int64 (N,). classes: class names, by label.
+        transform: applied to training samples, reseeded per sample from ``(seed, epoch, index)``.
+        boxes: optional (N, 4) float boxes ``(x0, y0, x1, y1)`` in pixels (x1, y1 exclusive).
+
+    ``ds[i]`` returns the untransformed sample; ``ds[(epoch, i)]`` the augmented one.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        classes: Sequence[str],
+        *,
+        transform: A.Compose | None = None,
+        seed: int = 0,
+        boxes: Tensor | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise DataError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(images) == 0:
+            raise DataError("the dataset is empty")
+        self.images = images
+        self.labels = labels.long()
+        self.classes = list(classes)
+        self.transform = transform
+        self.seed = seed
+        if boxes is not None:
+            self.boxes = boxes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def img_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def with_transform(self, transform: A.Compose | None, seed: int) -> ImageDataset:
+        """The same images (shared memory) with another augmentation pipeline."""
+        boxes = getattr(self, "boxes", None)
+        return ImageDataset(
+            self.images, self.labels, self.classes, transform=transform, seed=seed, boxes=boxes
+        )
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        img = self.images[index]
+        if self.transform is not None and epoch is not None:
+            self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
+            img = torch.from_numpy(np.ascontiguousarray(self.transform(image=img.numpy())["image"]))
+        return img.permute(2, 0, 1).contiguous(), int(self.labels[index])  # (3, H, W) uint8
+
+
+# Ten shapes, told apart by form alone (colour, size and position are random), so a classifier must
+# look at the object; none changes class under a horizontal flip.
+SYNTHETIC_CLASSES = (
+    "disk",
+    "ring",
+    "square",
+    "frame",
+    "triangle_up",
+    "triangle_down",
+    "diamond",
+    "plus",
+    "cross",
+    "bar",
+)
+
+
+def _shape_mask(kind: int, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    ax, ay = np.abs(dx), np.abs(dy)
+    cheb, dist = np.maximum(ax, ay), np.hypot(dx, dy)
+    t = 0.3 * r  # stroke half-width
+    if kind == 0:
+        return dist <= r
+    if kind == 1:
+        return (dist <= r) & (dist >= 0.55 * r)
+    if kind == 2:
+        return cheb <= 0.8 * r
+    if kind == 3:
+        return (cheb <= 0.85 * r) & (cheb >= 0.45 * r)
+    if kind in (4, 5):
+        dy = dy if kind == 4 else -dy
+        return (dy >= -r) & (dy <= 0.8 * r) & (ax <= 0.55 * (dy + r))
+    if kind == 6:
+        return ax + ay <= r
+    if kind == 7:
+        return ((ax <= t) & (ay <= r)) | ((ay <= t) & (ax <= r))
+    if kind == 8:
+        return ((np.abs(dx - dy) <= 1.4 * t) | (np.abs(dx + dy) <= 1.4 * t)) & (cheb <= 0.8 * r)
+    return (ax <= r) & (ay <= 0.35 * r)
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
+    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def synthetic(
+    n: int, *, img_size: int = 32, seed: int = 0, noise: float = 12.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Generate ``n`` images of one random shape each (class = shape, :data:`SYNTHETIC_CLASSES`).
+
+    Each image has a random dark background with Gaussian noise and one brightly coloured shape of
+    random size at a random position. Returns uint8 images (n, H, W, 3), labels (n,) and the exact
+    pixel boxes of the shapes (n, 4) ``(x0, y0, x1, y1)``, x1/y1 exclusive — what attention maps
+    should find.
+    """
+    if img_size < 12:
+        raise DataError(f"synthetic images need img_size >= 12, got {img_size}")
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SYNTHETIC_CLASSES), n)
+    yy, xx = np.mgrid[0:img_size, 0:img_size].astype(np.float32) + 0.5
+    images = np.empty((n, img_size, img_size, 3), dtype=np.uint8)
+    boxes = np.empty((n, 4), dtype=np.float32)
+    for i in range(n):
+        r = rng.uniform(0.16, 0.3) * img_size
+        cx, cy = rng.uniform(r, img_size - r, size=2)
+        mask = _shape_mask(int(labels[i]), xx - cx, yy - cy, r)
+        bg = rng.uniform(0, 70) + rng.uniform(-10, 10, size=3)  # dark, nearly grey
+        hue = (labels[i] / len(SYNTHETIC_CLASSES) + rng.uniform(-0.02, 0.02)) % 1.0
+        fg = 255 * _hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0))
+        img = bg + rng.normal(0, noise, size=(img_size, img_size, 3))
+        img[mask] = fg + rng.normal(0, noise, size=(int(mask.sum()), 3))
+        images[i] = np.clip(img, 0, 255).astype(np.uint8)
+        ys, xs = np.nonzero(mask)
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(boxes)
+
+
+def cifar10(data_dir: str | Path, *, train: bool) -> tuple[Tensor, Tensor, list[str]]:
+    """CIFAR-10 through torchvision, downloaded into ``data_dir`` when missing.
+
+    torchvision already keeps the decoded uint8 array in memory, so no extra cache is needed.
+    """
+    from torchvision.datasets import CIFAR10
+
+    root = Path(data_dir)
+    try:
+        ds = CIFAR10(root, train=train, download=False)
+    except RuntimeError:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            ds = CIFAR10(root, train=train, download=True)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError
+            raise DataError(
+                f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}: {e}). "
+                f"Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it "
+                f"into {root} (giving {root / 'cifar-10-batches-py'}), or train offline with "
+                f"--data imagefolder --data-dir DIR or --data synthetic"
+            ) from None
+    return torch.from_numpy(ds.data), torch.tensor(ds.targets), list(ds.classes)
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vit"
+
+
+def _list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"{root} has no class folders; the image-folder layout is {root}/<class>/<image>.jpg"
+        )
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(
+            p for p in (root / name).iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+        )
+        if not found:
+            raise DataError(
+                f"class folder {root / name} has no images ({', '.join(IMG_EXTENSIONS)}); add "
+                f"images or remove the folder"
+            )
+        files += found
+        labels += [label] * len(found)
+    return files, labels, classes
+
+
+def _decode(path: Path, img_size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (img_size, img_size):  # shorter side to img_size, then a centre crop
+                scale = img_size / min(im.size)
+                w, h = (
+                    max(img_size, round(im.width * scale)),
+                    max(img_size, round(im.height * scale)),
+                )
+                im = im.resize((w, h), Image.Resampling.BICUBIC)
+                left, top = (w - img_size) // 2, (h - img_size) // 2
+                im = im.crop((left, top, left + img_size, top + img_size))
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise DataError(
+            f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file"
+        ) from None
+
+
+def image_folder(
+    root: str | Path, *, img_size: int, cache_dir: str | Path | None = None
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode ``root/<class>/*`` once into uint8 (N, img_size, img_size, 3) and cache it.
+
+    The cache is ``<cache_dir>/imagefolder-<hash>.npz`` (``cache_dir`` defaults to
+    ``$XDG_CACHE_HOME/vit`` or ``~/.cache/vit``); the hash covers the folder, every file's name,
+    size and modification time, and ``img_size``, so a changed folder is decoded again. Images of
+    another size are resized (shorter side) and centre-cropped to ``img_size``.
+    """
+    root = Path(root)
+    files, labels, classes = _list_image_folder(root)
+    key = hashlib.sha1(f"{root.resolve()}|{img_size}".encode())
+    for p in files:
+        st = p.stat()
+        key.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = Path(cache_dir) if cache_dir else _default_cache_dir()
+    path = cache / f"imagefolder-{key.hexdigest()[:20]}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        images = np.stack(list(pool.map(lambda p: _decode(p, img_size), files)))
+    label_array = np.asarray(labels, dtype=np.int64)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, labels=label_array)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the decoding time again
+    return torch.from_numpy(images), torch.from_numpy(label_array), classes
+
+
+def split_indices(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A deterministic stratified split: ``fraction`` of each class (at least one) to validation.
+
+    The split depends only on the labels and ``seed`` (not the training seed), so runs with
+    different training seeds validate on the same images.
+    """
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, round(fraction * len(idx)))
+        if k >= len(idx):
+            raise DataError(
+                f"class {c} has only {len(idx)} images: too few to carve a validation split of "
+                f"{fraction:.0%}; add images, add a val/ folder or lower --val-fraction"
+            )
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+def _randaugment_ops(magnitude: float) -> list[A.BasicTransform]:
+    """RandAugment-style operations (Cubuk et al. 2020) at ``magnitude`` in [0, 10]."""
+    m = magnitude / 10.0
+    return [
+        A.Affine(rotate=(-30 * m, 30 * m), p=1.0),
+        A.Affine(shear={"x": (-17 * m, 17 * m), "y": (0, 0)}, p=1.0),
+        A.Affine(shear={"x": (0, 0), "y": (-17 * m, 17 * m)}, p=1.0),
+        A.Affine(translate_percent={"x": (-0.3 * m, 0.3 * m), "y": (0, 0)}, p=1.0),
+        A.Affine(translate_percent={"x": (0, 0), "y": (-0.3 * m, 0.3 * m)}, p=1.0),
+        A.ColorJitter(brightness=0.9 * m, contrast=0, saturation=0, hue=0, p=1.0),
+        A.ColorJitter(brightness=0, contrast=0.9 * m, saturation=0, hue=0, p=1.0),
+        A.ColorJitter(brightness=0, contrast=0, saturation=0.9 * m, hue=0, p=1.0),
+        A.Sharpen(alpha=(0.0, 0.9 * m), p=1.0),
+        A.Posterize(num_bits=(max(1, round(8 - 4 * m)), 8), p=1.0),
+        A.Solarize(threshold_range=(1.0 - m, 1.0), p=1.0),
+        A.Equalize(p=1.0),
+        A.AutoContrast(p=1.0),
+    ]
+
+
+def build_transform(
+    img_size: int,
+    *,
+    crop_padding: int = 0,
+    hflip: bool = False,
+    randaugment_ops: int = 0,
+    randaugment_magnitude: float = 9.0,
+    cutout: int = 0,
+) -> A.Compose | None:
+    """The training pipeline: random crop with zero padding, horizontal flip, ``randaugment_ops``
+    random operations of :func:`_randaugment_ops`, and cutout (DeVries & Taylor 2017) of one
+    ``cutout``-pixel square. ``None`` when everything is off."""
+    ops: list[A.BasicTransform] = []
+    if crop_padding > 0:
+        size = img_size + 2 * crop_padding
+        ops += [A.PadIfNeeded(size, size, fill=0), A.RandomCrop(img_size, img_size)]
+    if hflip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    if randaugment_ops > 0:
+        ops.append(A.SomeOf(_randaugment_ops(randaugment_magnitude), n=randaugment_ops))
+    if cutout > 0:
+        ops.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 1),
+                hole_height_range=(cutout, cutout),
+                hole_width_range=(cutout, cutout),
+                fill=0,
+                p=1.0,
+            )
+        )
+    return A.Compose(ops, seed=0) if ops else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(epoch, index)`` keys: a per-epoch permutation that is a pure function of
+    ``(seed, epoch)``, optionally starting at batch ``start`` (mid-epoch resume).
+
+    Iterated in the main process, so :meth:`set_epoch` reaches persistent workers too.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, drop_last: bool):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        full = self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        return max(0, full - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 1 << 40))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        for b in range(self.start, self.start + len(self)):
+            yield [(self.epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process saves a checkpoint and stops the
+    # workers itself, so they must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool,
+    drop_last: bool,
+    workers: int = 0,
+    collate_fn: Any = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over :class:`EpochBatchSampler` (reach it as ``loader.batch_sampler``).
+
+    The one place to swap in a GPU-resident loader later.
+    """
+    sampler = EpochBatchSampler(
+        len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        # Workers' base seed comes from this generator, not the global RNG, whose state (dropout,
+        # drop path) a checkpoint restores exactly.
+        generator=torch.Generator().manual_seed(seed),
+    )
