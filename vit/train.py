@@ -29,6 +29,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -689,16 +690,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the refusal below is the answer
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+        if "GLOBAL" in str(e):
             raise CheckpointError(
                 f"refusing to load {path}: it holds Python objects that would run code when "
                 f"unpickled; only checkpoints written by vit.train (tensors and plain data) load"
             ) from None
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is corrupt, or a plain pickle (never loaded, as "
+            f"unpickling can run code)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = (str(e) or type(e).__name__).split(". ")[0].splitlines()[0]
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is corrupt or truncated ({first})"
         ) from None

@@ -1,0 +1,104 @@
+"""``python -m vit.evaluate --checkpoint PATH --data NAME [--data-dir DIR] [--split val|test]``.
+
+Rebuilds the task and model stored in a training checkpoint, evaluates a split and prints one JSON
+object as the last line, e.g. ``{"top1": 0.81, "loss": 0.55, "n": 10000}``. Exit code 2 with a
+one-line message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Any, Literal
+
+import torch
+
+from vit.train import (
+    CheckpointError,
+    ConfigError,
+    get_task,
+    load_model,
+    make_config,
+    resolve_device,
+)
+
+__all__ = ["evaluate_checkpoint", "main"]
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    data: str | None = None,
+    data_dir: str | None = None,
+    split: Literal["val", "test"] = "val",
+    batch_size: int = 256,
+    device: str = "auto",
+    weights: Literal["ema", "model"] = "ema",
+    amp: Literal["bf16", "fp16", "off"] = "off",
+) -> dict[str, Any]:
+    """Metrics of a checkpoint on a split; ``data``/``data_dir`` default to the training run's.
+
+    ``weights="ema"`` uses the EMA weights when the checkpoint has them (what training validated).
+    """
+    from vit.data import make_loader
+
+    model, ckpt = load_model(checkpoint, weights)
+    values = dict(ckpt["config"])
+    if data is not None:
+        values["data"] = data
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    values.update(resume="", device=device)
+    cfg = make_config(values)
+    task = get_task(cfg.task)(cfg, ckpt["task_state"])
+    dataset = task.build_dataset(split)
+    dev = resolve_device(device)
+    model.to(dev)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = make_loader(
+        dataset, batch_size, shuffle=False, drop_last=False, collate_fn=task.collate_fn()
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast = torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with autocast:
+        return task.evaluate(model, loader, dev)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vit.data import DataError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:
+            raise ConfigError(message)
+
+    p = Parser(prog="python -m vit.evaluate", description=__doc__.split("\n\n")[1])
+    p.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train.py")
+    p.add_argument("--data", help="dataset name (default: the one it was trained on)")
+    p.add_argument("--data-dir", help="dataset directory (default: the training run's)")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--weights",
+        choices=("ema", "model"),
+        default="ema",
+        help="EMA weights when the checkpoint has them (default), or the raw model",
+    )
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off")
+    try:
+        args = p.parse_args(argv)
+        if args.batch_size <= 0:
+            raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+        metrics = evaluate_checkpoint(**vars(args))
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
