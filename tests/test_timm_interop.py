@@ -1,0 +1,280 @@
+"""vit.timm_interop: from_timm parity, refusals, the timm registry, the loading boundary."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from torch import nn
+
+from vit.models import VisionTransformer, create_model, from_timm
+from vit.timm_interop import convert_timm_state_dict, load_pretrained
+
+SMALL = dict(embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    # Fresh inits have zero biases, unit norms and a constant layer scale; noise on every
+    # parameter makes a mapping mistake (a swapped or transposed tensor) show in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _timm(kind: str) -> nn.Module:
+    if kind == "create_tiny_224_token":  # timm's own variant, shallower
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
+    if kind == "create_small_avg_layerscale":
+        return timm.create_model(
+            "vit_small_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=8,
+            depth=1,
+            global_pool="avg",
+            class_token=False,
+            init_values=1e-2,
+            num_classes=5,
+        )
+    configs = {
+        "token_patch4": dict(img_size=32, patch_size=4, num_classes=10, **SMALL),
+        "token_fc_norm_3ch1": dict(
+            img_size=16, patch_size=2, in_chans=1, num_classes=3, fc_norm=True, **SMALL
+        ),
+        "avg_with_cls_no_fc_norm": dict(
+            img_size=16, patch_size=4, global_pool="avg", fc_norm=False, num_classes=4, **SMALL
+        ),
+        "avg_fc_norm_headless": dict(
+            img_size=24,
+            patch_size=8,
+            global_pool="avg",
+            class_token=False,
+            num_classes=0,
+            embed_dim=48,
+            depth=3,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+        ),
+    }
+    return TimmViT(**configs[kind])
+
+
+KINDS = [
+    "create_tiny_224_token",
+    "create_small_avg_layerscale",
+    "token_patch4",
+    "token_fc_norm_3ch1",
+    "avg_with_cls_no_fc_norm",
+    "avg_fc_norm_headless",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_timm_matches_timm(kind: str) -> None:
+    theirs = _randomise(_timm(kind))
+    ours = from_timm(theirs)
+    assert isinstance(ours, VisionTransformer) and not ours.training
+    size = theirs.patch_embed.img_size[0]
+    x = torch.randn(2, theirs.patch_embed.proj.in_channels, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours.forward_features(x), theirs.forward_features(x), atol=1e-5, rtol=1e-5
+        )
+    assert ours.config.num_classes == theirs.num_classes
+    assert ours.config.depth == len(theirs.blocks)
+
+
+def test_from_timm_keeps_training_options() -> None:
+    theirs = TimmViT(
+        img_size=16, patch_size=4, drop_rate=0.1, pos_drop_rate=0.1, attn_drop_rate=0.05,
+        proj_drop_rate=0.02, drop_path_rate=0.2, init_values=0.5, **SMALL,
+    )  # fmt: skip
+    cfg = from_timm(theirs).config
+    assert (cfg.drop_rate, cfg.attn_drop_rate, cfg.proj_drop_rate) == (0.1, 0.05, 0.02)
+    assert cfg.drop_path_rate == pytest.approx(0.2) and cfg.layer_scale_init == 0.5
+    assert from_timm(theirs.train()).training
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (dict(reg_tokens=4), "register tokens"),
+        (dict(no_embed_class=True), "no_embed_class"),
+        (dict(pre_norm=True), "pre_norm"),
+        (dict(qk_norm=True), "qk_norm"),
+        (dict(global_pool="map"), "attention pooling"),
+        (dict(global_pool="max"), "global_pool='max'"),
+        (dict(dynamic_img_size=True), "dynamic_img_size"),
+        (dict(act_layer="relu"), "act_layer"),
+        (dict(act_layer="gelu_tanh"), "act_layer"),
+        (dict(final_norm=False), "final_norm=False"),
+        (dict(img_size=(16, 32)), "img_size"),
+        (dict(drop_rate=0.1), "pos_drop_rate"),
+    ],
+)
+def test_from_timm_refuses_unsupported_options(option: dict, message: str) -> None:
+    theirs = TimmViT(**{"img_size": 16, "patch_size": 4, **SMALL, **option})
+    with pytest.raises(ValueError, match="does not implement") as info:
+        from_timm(theirs)
+    assert message in str(info.value)
+
+
+def test_from_timm_refuses_other_models() -> None:
+    with pytest.raises(TypeError, match=r"timm\.models\.vision_transformer\.VisionTransformer"):
+        from_timm(nn.Linear(2, 2))
+
+
+def test_timm_create_model_builds_our_variants() -> None:
+    assert "vitpkg_vit_tiny_patch4_32" in timm.list_models("vitpkg_*")
+    model = timm.create_model("vitpkg_vit_tiny_patch4_32", num_classes=10)
+    assert isinstance(model, VisionTransformer)
+    assert model.config == create_model("vit_tiny_patch4_32", num_classes=10).config
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+    model = timm.create_model(
+        "vitpkg_vit_tiny_patch4_32",
+        global_pool="avg",
+        drop_path_rate=0.1,
+        init_values=1e-3,
+        depth=2,
+        img_size=16,
+    )
+    cfg = model.config
+    assert (cfg.pool, cfg.drop_path_rate, cfg.layer_scale_init, cfg.img_size) == (
+        "mean",
+        0.1,
+        1e-3,
+        16,
+    )
+    assert model.pretrained_cfg["input_size"] == (3, 16, 16)
+    with pytest.raises(ValueError, match=r"no pretrained weights.*load_pretrained"):
+        timm.create_model("vitpkg_vit_tiny_patch4_32", pretrained=True)
+    with pytest.raises(ValueError, match="global_pool='map' is not supported"):
+        timm.create_model("vitpkg_vit_tiny_patch4_32", global_pool="map")
+    with pytest.raises(TypeError, match="unknown model option"):
+        timm.create_model("vitpkg_vit_tiny_patch4_32", qk_norm=True)
+
+
+def test_convert_state_dict_renames_and_unwraps() -> None:
+    state = {
+        "module.blocks.0.attn.qkv.weight": torch.zeros(1),
+        "_orig_mod.norm.bias": torch.ones(1),
+    }
+    assert set(convert_timm_state_dict(state)) == {"blocks.0.attn.to_qkv.weight", "norm.bias"}
+
+
+def _imagenet_state(**overrides) -> dict[str, torch.Tensor]:
+    """A randomised timm 224/16 ViT state dict with 1000 classes (what a pretrained file holds)."""
+    theirs = TimmViT(**{"img_size": 224, "patch_size": 16, **SMALL, **overrides})
+    return _randomise(theirs).state_dict()
+
+
+def test_load_pretrained_224_to_32(caplog: pytest.LogCaptureFixture) -> None:
+    state = _imagenet_state()
+    model = create_model("vit_tiny_patch4_32", num_classes=10, **SMALL)
+    head_before = model.head.weight.clone()
+    with caplog.at_level(logging.WARNING, logger="vit.timm_interop"):
+        report = load_pretrained(model, state)
+    assert model.pos_embed.shape == (1, 1 + 8 * 8, 32)
+    # Independent check of the grid layout: row-major 14x14 tokens, bicubic, antialiased.
+    grid = state["pos_embed"][:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(model.pos_embed[:, 1:], grid.permute(0, 2, 3, 1).reshape(1, 64, 32))
+    torch.testing.assert_close(model.pos_embed[:, :1], state["pos_embed"][:, :1])
+    assert model.patch_embed.proj.weight.shape == (32, 3, 4, 4)
+    torch.testing.assert_close(
+        model.blocks[1].attn.to_qkv.weight, state["blocks.1.attn.qkv.weight"]
+    )
+    torch.testing.assert_close(model.head.weight, head_before)  # the 1000-class head was dropped
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert any("dropped the checkpoint's head (1000, 32)" in n for n in report.notes)
+    assert any("14x14 to a 8x8" in n for n in report.notes)
+    assert "dropped the checkpoint's head" in caplog.text
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resampled_constant_stays_constant_and_same_grid_is_identity() -> None:
+    state = _imagenet_state(num_classes=10)
+    state["pos_embed"][:, 1:] = torch.linspace(-1, 1, 32)  # the same vector at every position
+    model = create_model("vit_tiny_patch4_32", **SMALL)
+    load_pretrained(model, state)
+    torch.testing.assert_close(model.pos_embed[0, 1:], torch.linspace(-1, 1, 32).expand(64, 32))
+
+    # Same grid: no resampling, and the loaded model reproduces the source's logits.
+    theirs = _randomise(TimmViT(img_size=32, patch_size=4, num_classes=10, **SMALL))
+    report = load_pretrained(model, theirs.state_dict())
+    torch.testing.assert_close(model.pos_embed, theirs.pos_embed, atol=0, rtol=0)
+    assert report.notes == []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), theirs(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(
+        resample_abs_pos_embed(theirs.pos_embed, new_size=[8, 8], old_size=[8, 8]),
+        theirs.pos_embed,
+    )
+
+
+def test_load_pretrained_into_a_model_without_class_token() -> None:
+    state = _imagenet_state(num_classes=0)
+    model = create_model("vit_tiny_patch4_32", pool="mean", fc_norm=False, **SMALL)
+    report = load_pretrained(model, state)
+    assert model.pos_embed.shape == (1, 64, 32)
+    assert any("class token" in n for n in report.notes)
+    assert any("no head" in n for n in report.notes)
+
+
+def test_load_pretrained_files_and_our_own_checkpoints(tmp_path) -> None:
+    source = create_model("vit_tiny_patch4_32", **SMALL)
+    _randomise(source)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": source.state_dict(), "epoch": 3}, path)  # a training checkpoint
+    target = create_model("vit_tiny_patch4_32", **SMALL)
+    assert load_pretrained(target, str(path)).notes == []
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+    from safetensors.torch import save_file
+
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    target = create_model("vit_tiny_patch4_32", **SMALL)
+    load_pretrained(target, tmp_path / "w.safetensors")
+    assert torch.equal(target.head.weight, source.head.weight)
+
+
+def test_load_pretrained_refuses_what_does_not_fit() -> None:
+    state = _imagenet_state()
+    deeper = create_model("vit_tiny_patch4_32", embed_dim=32, depth=3, num_heads=2)
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: blocks\.2\..*depth"):
+        load_pretrained(deeper, state)
+    report = load_pretrained(deeper, state, strict=False)
+    assert "blocks.2.attn.to_qkv.weight" in report.missing_keys
+    torch.testing.assert_close(deeper.blocks[0].mlp.fc1.weight, state["blocks.0.mlp.fc1.weight"])
+
+    wider = create_model("vit_tiny_patch4_32", embed_dim=64, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_pretrained(wider, state)
+    fc_norm = create_model(
+        "vit_tiny_patch4_32", pool="mean", class_token=True, fc_norm=True, **SMALL
+    )
+    with pytest.raises(ValueError, match="fc_norm=False"):
+        load_pretrained(fc_norm, state)
+    no_cls = {k: v[:, 1:] if k == "pos_embed" else v for k, v in state.items() if k != "cls_token"}
+    with pytest.raises(ValueError, match="no class token"):
+        load_pretrained(create_model("vit_tiny_patch4_32", **SMALL), no_cls)
+    with pytest.raises(TypeError, match="state dict"):
+        load_pretrained(create_model("vit_tiny_patch4_32", **SMALL), [1, 2])
+    with pytest.raises(ValueError, match="no checkpoint file"):
+        load_pretrained(create_model("vit_tiny_patch4_32", **SMALL), "/nonexistent/w.pt")
