@@ -336,8 +336,37 @@ def test_dataset_reports_truncation_and_unknown_words(caplog) -> None:
     assert ds.stats == {"images": 2, "captions": 2, "truncated": 1, "unknown_words": 1}
     assert "1 of 2 captions are longer than max_len=5" in caplog.text
     assert "1 words in 1 captions are not in the vocabulary and map to <unk>" in caplog.text
-    image, tokens = ds[1]
-    assert image.shape == (3, 16, 16) and tokens.tolist() == [1, 4, 3, 5, 2]
+    image, tokens, index = ds[1]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and index == 1
+    assert tokens.tolist() == [1, 4, 3, 5, 2]
+
+
+def test_training_augmentation_flips_left_and_right_with_the_image() -> None:
+    data = make_shapes(64, seed=0)
+    tok = Tokenizer.build(c for caps in data.captions for c in caps)
+    flip = CaptionDataset(data, tok, max_len=32, img_size=32, hflip=True, seed=0)
+    crop = CaptionDataset(data, tok, max_len=32, img_size=32, crop_padding=2, seed=0)
+    swap = {"left": "right", "right": "left"}
+    flipped = 0
+    for row in range(64):
+        plain_img, plain_tokens, _ = flip[row]  # plain indices (validation): no augmentation
+        assert torch.equal(plain_img, data.images[row])
+        img, tokens, i = flip[(3, row)]  # (epoch, index) keys (training)
+        assert i == row and torch.equal(img, flip[(3, row)][0])  # a function of (seed, epoch, row)
+        words = tok.decode(plain_tokens).split()
+        if torch.equal(img, plain_img.flip(-1)):
+            flipped += 1
+            assert tok.decode(tokens).split() == [swap.get(w, w) for w in words]
+        else:
+            assert torch.equal(img, plain_img) and torch.equal(tokens, plain_tokens)
+        shifted, _, _ = crop[(3, row)]
+        padded = nn.functional.pad(plain_img, (2, 2, 2, 2))
+        assert any(
+            torch.equal(shifted, padded[:, dy : dy + 32, dx : dx + 32])
+            for dy in range(5)
+            for dx in range(5)
+        )
+    assert 10 < flipped < 54
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,8 +435,9 @@ def test_flickr8k_both_formats_parse(tmp_path, fmt: str) -> None:
     data = load_flickr8k(tmp_path, "train")
     assert len(data) == 2 and data.captions[0] == parsed["a.jpg"]
     ds = CaptionDataset(data, Tokenizer.build(FLICKR_CSV.splitlines()), max_len=12, img_size=16)
-    image, tokens = ds[1]
-    assert len(ds) == 3 and image.shape == (3, 16, 16) and tokens[0] == 1
+    image, tokens, index = ds[1]  # the second caption of a.jpg
+    assert len(ds) == 3 and image.shape == (3, 16, 16) and index == 0
+    assert image[0].float().mean() > 150 and tokens[0] == Tokenizer([]).bos_id
 
 
 def test_flickr8k_missing_images_are_counted_and_skipped(tmp_path, caplog) -> None:

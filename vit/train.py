@@ -399,6 +399,7 @@ class Task(abc.ABC):
 TASKS: dict[str, str] = {
     # name → "module:Class", imported on first use so `--task` never pays for unused tasks.
     "classify": "vit.train:ClassificationTask",
+    "caption": "vit.captions:CaptionTask",
 }
 
 
