@@ -1,0 +1,391 @@
+"""vit.train in-process: config validation, schedule, param groups, AMP/device paths, NaN guard,
+exact resume after SIGTERM, checkpoints, the rollout hook, evaluation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vit import evaluate
+from vit.train import (
+    CheckpointError,
+    ConfigError,
+    Diverged,
+    Trainer,
+    load_checkpoint,
+    lr_at,
+    main,
+    make_config,
+    parse_args,
+    resolve_device,
+)
+
+TINY = {
+    "data": "synthetic",
+    "synthetic_train": 128,
+    "synthetic_val": 32,
+    "img_size": 16,
+    "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+    "batch_size": 16,
+    "epochs": 1,
+    "rollout_every": 0,
+    "log_every": 2,
+    "device": "cpu",
+}
+
+
+def tiny(tmp_path: Path, **overrides: Any):
+    return make_config({**TINY, "out_dir": str(tmp_path / "run"), **overrides})
+
+
+def flags(values: dict[str, Any]) -> list[str]:
+    out = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            out.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+            continue
+        out += [f"--{k.replace('_', '-')}", json.dumps(v) if isinstance(v, dict) else str(v)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+def test_cli_overrides_config_file_and_saves_resolved_config(tmp_path: Path, capsys) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 0.5\nepochs: 7\nbatch_size: 64\nmodel_args: {depth: 3}\n")
+    cfg = parse_args(["--config", str(cfg_file), "--lr", "0.01", "--no-hflip"])
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.hflip) == (0.01, 7, 64, False)
+    assert cfg.model_args == {"depth": 3} and cfg.out_dir == str(Path("runs/classify-synthetic"))
+    out = tmp_path / "run"
+    assert main([*flags({**TINY, "out_dir": str(out)}), "--lr", "0.002"]) == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == 0.002 and saved["model_args"] == TINY["model_args"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 8
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lrr", "0.1"], "unknown option '--lrr'; did you mean --lr"),
+        (["--lr", "-1"], "lr must be positive"),
+        (["--lr", "abc"], "invalid float value: 'abc'"),
+        (["--amp", "bf32"], "invalid choice: 'bf32'"),
+        (["--data", "cifar100"], "unknown dataset 'cifar100' for task 'classify'"),
+        (["--task", "segment"], "unknown task 'segment'"),
+        (["--label-smoothing", "1.5"], "label_smoothing must be in [0, 1)"),
+        (["--model", "vit_tiny"], "cannot build model 'vit_tiny'"),
+        (["--model-args", "{depthh: 3}"], "unknown model option(s): 'depthh'"),
+        (["--model-args", "[1]"], "expected a mapping"),
+        (["--config", "nope.yaml"], "config file nope.yaml not found"),
+        (["--device", "cuda"], "no CUDA device is available"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv, message, tmp_path: Path, capsys) -> None:
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    base = flags({**TINY, "out_dir": str(tmp_path / "run")})
+    assert main([*base, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_config_file_keys_and_types_are_checked(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("batch_sise: 3\n")
+    with pytest.raises(
+        ConfigError, match="unknown config key 'batch_sise'; did you mean batch_size"
+    ):
+        parse_args(["--config", str(f)])
+    f.write_text("epochs: 2.5\n")
+    with pytest.raises(ConfigError, match=r"epochs must be int, got 2.5"):
+        parse_args(["--config", str(f)])
+    f.write_text("ema: yes please\n")
+    with pytest.raises(ConfigError, match="ema must be bool"):
+        parse_args(["--config", str(f)])
+    f.write_text("lr: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_args(["--config", str(f)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ----------------------------------------------------------------------------------------------
+def test_lr_schedule_warmup_then_cosine() -> None:
+    kw = {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "total_steps": 110}
+    lrs = [lr_at(s, **kw) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1) == lrs[119]
+
+
+def test_param_groups_exempt_norms_biases_and_embeddings(tmp_path: Path) -> None:
+    t = Trainer(tiny(tmp_path, weight_decay=0.1))
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    decay = {
+        g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in t.optimizer.param_groups
+    }
+    assert {"pos_embed", "cls_token", "norm.weight", "head.bias"} <= decay[0.0]
+    assert "blocks.0.attn.to_qkv.weight" in decay[0.1] and "head.weight" in decay[0.1]
+    assert not any("norm" in n or n.endswith("bias") for n in decay[0.1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and AMP
+# ----------------------------------------------------------------------------------------------
+def test_device_selection() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
+    t = Trainer(tiny(tmp_path, amp="bf16"))
+    seen = []
+    t.model.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    batch = next(iter(t.train_loader))
+    before = t.model.head.weight.detach().clone()
+    stats = t.train_step(batch)
+    assert seen == [torch.bfloat16] and math.isfinite(stats["loss"])
+    assert t.model.head.weight.dtype == torch.float32  # weights stay fp32
+    assert not torch.equal(before, t.model.head.weight)
+    assert not t.scaler.is_enabled()
+
+
+def test_fp16_grad_scaler_skips_steps_with_inf_gradients(tmp_path: Path) -> None:
+    t = Trainer(tiny(tmp_path, amp="fp16", grad_clip=0.0, ema=True))
+    assert t.scaler.is_enabled()
+    batch = next(iter(t.train_loader))
+    weights = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    ema = {n: p.detach().clone() for n, p in t.ema.module.named_parameters()}
+    scale = t.scaler.get_scale()
+    hook = t.model.head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
+    stats = t.train_step(batch)
+    hook.remove()
+    assert stats["skipped"] == 1.0 and t.skipped_steps == 1
+    assert t.scaler.get_scale() == scale / 2
+    assert all(torch.equal(weights[n], p) for n, p in t.model.named_parameters())
+    assert all(torch.equal(ema[n], p) for n, p in t.ema.module.named_parameters())
+    stats = t.train_step(batch)  # a finite step goes through
+    assert stats["skipped"] == 0.0
+    assert not torch.equal(weights["head.weight"], t.model.head.weight)
+
+
+def test_channels_last_gives_the_same_logits(tmp_path: Path) -> None:
+    a = Trainer(tiny(tmp_path, channels_last=True))
+    b = Trainer(tiny(tmp_path / "b", channels_last=False))
+    assert a.model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = next(iter(a.train_loader))
+    xa, _ = a.task.prepare_batch(batch, a.device)
+    xb, _ = b.task.prepare_batch(batch, b.device)
+    assert xa.is_contiguous(memory_format=torch.channels_last) and xb.is_contiguous()
+    torch.testing.assert_close(a.model(xa), b.model(xb), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Failure and interruption
+# ----------------------------------------------------------------------------------------------
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from vit.train import ClassificationTask
+
+    real = ClassificationTask.loss
+
+    def loss(self, model, batch, step):
+        out = real(self, model, batch, step)
+        return out * math.nan if step == 5 else out
+
+    monkeypatch.setattr(ClassificationTask, "loss", loss)
+    out = tmp_path / "run"
+    assert main([*flags({**TINY, "out_dir": str(out)}), "--save-every", "2"]) == 1
+    assert "the loss became nan at step 5" in capsys.readouterr().err
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["progress"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    with pytest.raises(Diverged):
+        t = Trainer(tiny(tmp_path / "again"))
+        t.fit()
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, weights_only=True)
+    return {**ckpt["model"], **{f"ema.{k}": v for k, v in ckpt["ema"].items()}}
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Mixup/cutmix, randaugment, drop path and EMA all on: every source of randomness."""
+    from vit.train import ClassificationTask
+
+    recipe = {
+        **TINY,
+        "epochs": 2,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "randaugment_ops": 2,
+        "cutout": 4,
+        "drop_path": 0.2,
+        "ema": True,
+        "ema_decay": 0.9,
+    }
+    assert main(flags({**recipe, "out_dir": str(tmp_path / "a")})) == 0
+    real = ClassificationTask.loss
+
+    def loss(self, model, batch, step):
+        if step == 11:  # mid-epoch (8 steps per epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, model, batch, step)
+
+    monkeypatch.setattr(ClassificationTask, "loss", loss)
+    b = flags({**recipe, "out_dir": str(tmp_path / "b")})
+    assert main(b) == 128 + signal.SIGTERM
+    assert "SIGTERM at step 12" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["progress"]["batch_in_epoch"] == 4
+    monkeypatch.setattr(ClassificationTask, "loss", real)
+    assert main([*b, "--resume", "auto"]) == 0
+    wa, wb = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    # The resumed run's log drops what the killed run wrote after its checkpoint: no duplicates.
+    assert _log_entries(tmp_path / "b") == _log_entries(tmp_path / "a")
+
+
+def _log_entries(run: Path) -> list[tuple[str, int]]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [(r["kind"], r["step"]) for r in map(json.loads, lines)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and run directory
+# ----------------------------------------------------------------------------------------------
+def test_run_directory_and_checkpoint_contents(tmp_path: Path) -> None:
+    t = Trainer(tiny(tmp_path, epochs=2, save_every=3))
+    metrics = t.fit()
+    out = Path(t.cfg.out_dir)
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl"):
+        assert (out / name).is_file()
+    assert list(out.glob("events.out.tfevents.*"))
+    ckpt = torch.load(out / "last.pt", weights_only=True)  # plain data only
+    assert ckpt["progress"]["step"] == 16 and ckpt["task_state"]["classes"][0] == "disk"
+    assert ckpt["metrics"] == metrics and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    kinds = [kind for kind, _ in _log_entries(out)]
+    assert kinds.count("val") == 2 and kinds.count("train") == 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s"} <= tags
+    assert {"val/loss", "val/top1"} <= tags
+
+
+def test_resume_refusals(tmp_path: Path, capsys) -> None:
+    base = {**TINY, "out_dir": str(tmp_path / "run")}
+    assert main(flags(base)) == 0
+    capsys.readouterr()
+    assert main(flags(base)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    wider = {**base, "model_args": {"embed_dim": 64, "depth": 2, "num_heads": 2}}
+    assert main([*flags(wider), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another architecture" in err and "Traceback" not in err
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04junk")
+    assert (
+        main(
+            [
+                *flags({**base, "out_dir": str(tmp_path / "x")}),
+                "--resume",
+                str(tmp_path / "junk.pt"),
+            ]
+        )
+        == 2
+    )
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Trainer(tiny(tmp_path, resume=str(tmp_path / "missing.pt")))
+
+
+def test_refuses_pickles_that_run_code(tmp_path: Path, capsys) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo should-not-run",))
+
+    torch.save({"format": "vit.train/1", "x": Evil()}, tmp_path / "evil.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "evil.pt")]) == 2
+    captured = capsys.readouterr()
+    assert "would run code" in captured.err and "should-not-run" not in captured.out
+
+
+def test_evaluate_matches_training_metrics(tmp_path: Path, capsys) -> None:
+    cfg = tiny(tmp_path, epochs=2, ema=True)
+    metrics = Trainer(cfg).fit()
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(Path(cfg.out_dir) / "last.pt")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == pytest.approx(metrics)
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(Path(cfg.out_dir) / "last.pt"),
+                "--split",
+                "test",
+                "--data",
+                "cifar10",
+            ]
+        )
+        == 2
+    )  # CIFAR-10 is not in ./data here
+    assert "CIFAR-10" in capsys.readouterr().err
+
+
+def test_time_limit_fits_the_schedule(tmp_path: Path) -> None:
+    t = Trainer(tiny(tmp_path, epochs=100, time_limit=1.0))
+    t.progress.step = 12
+    t._fit_schedule(step_time=0.1)  # 60 s budget at 0.1 s/step, 8 steps per epoch
+    p = t.progress
+    assert 300 < p.total_steps < 580 and p.warmup_steps <= p.total_steps // 5
+    t._fit_schedule(step_time=1e-6)
+    assert p.total_steps == 100 * 8  # capped by --epochs
+
+
+def test_rollout_hook_contract(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def log_rollout(writer, model, images, display, step, **kw):
+        calls.append((writer, model, images, display, step, kw))
+
+    monkeypatch.setitem(sys.modules, "vit.rollout", types.SimpleNamespace(log_rollout=log_rollout))
+    t = Trainer(
+        tiny(
+            tmp_path,
+            epochs=2,
+            ema=True,
+            rollout_every=1,
+            rollout_images=5,
+            rollout_head_fusion="max",
+            rollout_per_layer=True,
+        )
+    )
+    t.fit()
+    assert [c[4] for c in calls] == [8, 16]
+    writer, model, images, display, _, kw = calls[0]
+    assert model is t.ema.module and writer is not None
+    assert images.shape == display.shape == (5, 3, 16, 16) and images.device == t.device
+    assert display.dtype == torch.float32 and display.min() >= 0 and display.max() <= 1
+    assert images.mean().abs() < 1.5 and not torch.equal(images, display)  # normalised
+    assert kw == {"head_fusion": "max", "discard_ratio": 0.0, "per_layer": True}
+    record = json.loads((Path(t.cfg.out_dir) / "rollout_images.json").read_text())
+    assert len(record["indices"]) == 5 and torch.equal(calls[1][3], display)
