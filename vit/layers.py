@@ -153,7 +153,13 @@ class Attention(nn.Module):
         h = self.num_heads
         if not self.cross:
             qkv = self.to_qkv(x)  # (B, L, 3·D)
-            q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=h).unbind(0)
+            # Split on the `three` axis while tokens stay outermost, then move heads: the same
+            # strided views as splitting `three b h n d`, but backward stacks the gradients
+            # straight into (B, L, 3, h, d), which saves a full copy of them per block.
+            q, k, v = (
+                t.transpose(1, 2)  # (B, h, L, d)
+                for t in rearrange(qkv, "b n (three h d) -> b n three h d", three=3, h=h).unbind(2)
+            )
             if cache is not None:  # decoding: append this step's keys/values to the earlier ones
                 if "k" in cache:
                     k = torch.cat([cache["k"], k], dim=2)
@@ -166,7 +172,10 @@ class Attention(nn.Module):
         if cache is not None and "k" in cache:  # the memory does not change between decode steps
             return q, cache["k"], cache["v"]
         kv = self.to_kv(context)  # (B, S, 2·D)
-        k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=h).unbind(0)
+        k, v = (  # as for self-attention: split before moving heads (a cheaper backward)
+            t.transpose(1, 2)  # (B, h, S, d)
+            for t in rearrange(kv, "b s (two h d) -> b s two h d", two=2, h=h).unbind(2)
+        )
         if cache is not None:
             cache["k"], cache["v"] = k, v
         return q, k, v
