@@ -198,23 +198,37 @@ class Attention(nn.Module):
         steps. Returns the output (B, L, D), or ``(output, weights)`` when ``need_weights``.
         """
         q, k, v = self._project(x, context, cache)
-        if is_causal:
-            causal = causal_mask(q.shape[2], k.shape[2], device=q.device)
-            if attn_mask is None:
-                attn_mask = causal
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask & causal
+        explicit = need_weights or self.recorder is not None
+        fused_causal = False
+        # One query (a cached decode step) may see every key: no mask needed. A plain square
+        # causal mask is the fused kernel's own `is_causal`, which needs no mask tensor.
+        if is_causal and q.shape[2] > 1:
+            square = q.shape[2] == k.shape[2]
+            if square and not explicit and attn_mask is None and key_padding_mask is None:
+                fused_causal = True
             else:
-                attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+                causal = causal_mask(q.shape[2], k.shape[2], device=q.device)
+                if attn_mask is None:
+                    attn_mask = causal
+                elif attn_mask.dtype == torch.bool:
+                    attn_mask = attn_mask & causal
+                else:
+                    attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
         mask = merge_masks(attn_mask, key_padding_mask, q.dtype)
         dropout_p = self.attn_drop if self.training else 0.0
-        if need_weights or self.recorder is not None:
+        if explicit:
             out, weights = scaled_dot_product_attention(q, k, v, mask, self.scale, dropout_p)
             if self.recorder is not None:
                 self.recorder(weights)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                is_causal=fused_causal,
+                scale=self.scale,
             )
             weights = None
         out = self.proj_drop(self.to_out(rearrange(out, "b h n d -> b n (h d)")))

@@ -471,8 +471,10 @@ class CaptioningTransformer(nn.Module):
         padding_mask: Tensor | None = None,
         caches: list[dict[str, dict[str, Tensor]]] | None = None,
         start: int = 0,
+        last_only: bool = False,
     ) -> Tensor:
-        """Tokens (B, T) at positions ``start..start+T-1`` → logits (B, T, V).
+        """Tokens (B, T) at positions ``start..start+T-1`` → logits (B, T, V) (``last_only``:
+        only the last position's, (B, 1, V), as generation needs).
 
         ``caches`` (one dict per block, owned by the caller) keep self-attention keys/values of
         earlier positions and the memory's cross-attention keys/values between decode steps.
@@ -494,6 +496,8 @@ class CaptioningTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             x = block(x, memory, padding_mask=padding_mask, cache=cache)
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.norm(x))  # (B, T, V)
 
     def forward(self, images: Tensor, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -520,6 +524,20 @@ class CaptioningTransformer(nn.Module):
         it every step re-runs the decoder over the whole prefix (the reference for tests and the
         speed benchmark).
         """
+        return self.generate_from_memory(
+            self.forward_memory(images), max_len, beam_size, use_cache=use_cache
+        )
+
+    @torch.no_grad()
+    def generate_from_memory(
+        self,
+        memory: Tensor,
+        max_len: int | None = None,
+        beam_size: int = 1,
+        *,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """:meth:`generate` for encoder memory (B, S, D_enc) computed by :meth:`forward_memory`."""
         limit = self.config.max_len - 1
         max_len = limit if max_len is None else max_len
         if not isinstance(max_len, int) or not 1 <= max_len <= limit:
@@ -532,7 +550,6 @@ class CaptioningTransformer(nn.Module):
                 f"beam_size must be an integer in [1, vocab_size={self.config.vocab_size}], "
                 f"got {beam_size!r}"
             )
-        memory = self.forward_memory(images)  # (B, S, D_enc)
         if beam_size == 1:
             return self._greedy(memory, max_len, use_cache)
         return self._beam_search(memory, max_len, beam_size, use_cache)
@@ -540,10 +557,10 @@ class CaptioningTransformer(nn.Module):
     def _step(self, seq: Tensor, memory: Tensor, caches: list | None) -> Tensor:
         """Log-probabilities (B, V) of the token after ``seq`` (B, t)."""
         if caches is None:
-            logits = self.decode(seq, memory)[:, -1]
+            logits = self.decode(seq, memory, last_only=True)
         else:
-            logits = self.decode(seq[:, -1:], memory, caches=caches, start=seq.shape[1] - 1)[:, -1]
-        return logits.float().log_softmax(dim=-1)
+            logits = self.decode(seq[:, -1:], memory, caches=caches, start=seq.shape[1] - 1)
+        return logits[:, -1].float().log_softmax(dim=-1)
 
     def _greedy(self, memory: Tensor, max_len: int, use_cache: bool) -> Tensor:
         cfg = self.config
