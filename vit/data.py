@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -33,14 +34,17 @@ __all__ = [
     "CIFAR10_STD",
     "SYNTHETIC_CLASSES",
     "DataError",
+    "DeviceLoader",
     "EpochBatchSampler",
     "ImageDataset",
+    "augment_batch",
     "build_transform",
     "cifar10",
     "image_folder",
     "make_loader",
     "sample_seed",
     "synthetic",
+    "uniform_ints",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -399,12 +403,28 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(epoch, index)`` keys: a per-epoch permutation that is a pure function of
     ``(seed, epoch)``, optionally starting at batch ``start`` (mid-epoch resume).
 
+    With ``world_size > 1`` (DDP) ``batch_size`` is the global batch: every rank walks the same
+    permutation and takes its contiguous share of each global batch, so the ranks together see
+    exactly the batches of a single-process run (empty shares of a short last batch are skipped).
     Iterated in the main process, so :meth:`set_epoch` reaches persistent workers too.
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, drop_last: bool):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -414,14 +434,26 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         full = self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
         return max(0, full - self.start)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 1 << 40))
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+    def order(self) -> Tensor:
+        """The epoch's permutation of ``range(n)`` (int64, CPU)."""
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 1 << 40))
+        return torch.randperm(self.n, generator=g)
+
+    def bounds(self) -> Iterator[tuple[int, int]]:
+        """This rank's ``[lo, hi)`` range of :meth:`order` for each remaining batch."""
         for b in range(self.start, self.start + len(self)):
-            yield [(self.epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n)
+            r, w = self.rank, self.world_size
+            lo, hi = lo + (hi - lo) * r // w, lo + (hi - lo) * (r + 1) // w
+            if hi > lo:
+                yield lo, hi
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.order().tolist()
+        for lo, hi in self.bounds():
+            yield [(self.epoch, i) for i in order[lo:hi]]
 
 
 def _worker_init(_: int) -> None:
@@ -440,13 +472,22 @@ def make_loader(
     workers: int = 0,
     collate_fn: Any = None,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader over :class:`EpochBatchSampler` (reach it as ``loader.batch_sampler``).
+    """A DataLoader over :class:`EpochBatchSampler` (reach it as ``loader.batch_sampler``);
+    ``batch_size`` is global, each of ``world_size`` ranks loads its share (see the sampler).
 
-    The one place to swap in a GPU-resident loader later.
+    :class:`DeviceLoader` is the GPU-resident alternative for in-memory image data.
     """
     sampler = EpochBatchSampler(
-        len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last
+        len(dataset),
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
     )
     return DataLoader(
         dataset,
@@ -460,3 +501,152 @@ def make_loader(
         # drop path) a checkpoint restores exactly.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU-resident loading
+# ----------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding uint32 values (products wrap, the low
+    32 bits stay exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_ints(seed: int, epoch: int, index: Tensor, stream: int, high: int) -> Tensor:
+    """Integers in ``[0, high)``, one per entry of ``index``, each a pure function of
+    ``(seed, epoch, index, stream)``: the device loader's analogue of :func:`sample_seed`, computed
+    on ``index``'s device without a generator, so any batching, rank or resume point draws the
+    same value for a sample."""
+    key = sample_seed(seed, epoch, (1 << 42) + stream)
+    h = _mix32(_mix32((index.long() * 0x9E3779B1 + key) & _M32) ^ (key >> 7))
+    return (h * high) >> 32  # Lemire's multiply-shift: uniform up to a 2^-32 bias
+
+
+def augment_batch(
+    images: Tensor,
+    *,
+    crop_padding: int = 0,
+    crop_xy: Tensor | None = None,
+    flip: Tensor | None = None,
+    cutout: int = 0,
+    cutout_xy: Tensor | None = None,
+) -> Tensor:
+    """Crop, flip and cutout a batch in one gather, with the CPU pipeline's semantics
+    (:func:`build_transform`): zero padding by ``crop_padding`` then a crop at ``crop_xy``
+    (B, 2) ``(x, y)`` in padded coordinates, a horizontal flip where ``flip`` (B,) is true, then a
+    zero ``cutout``-pixel square with top-left corner ``cutout_xy`` (B, 2) ``(x, y)``.
+
+    ``images``: uint8 (B, H, W, 3), the dataset layout. Returns uint8 (B, 3, H, W).
+    """
+    b, h, w, _ = images.shape
+    dev = images.device
+    rows = torch.arange(h, device=dev).expand(b, h)  # (B, H) source row of each output row
+    cols = torch.arange(w, device=dev).expand(b, w)  # (B, W)
+    if crop_padding > 0:
+        assert crop_xy is not None
+        rows = rows + (crop_xy[:, 1:] - crop_padding)
+        cols = cols + (crop_xy[:, :1] - crop_padding)
+    if flip is not None:
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+    # Padding is never materialised: out-of-image sources are clamped, then zeroed by the mask.
+    keep = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    if cutout > 0:
+        assert cutout_xy is not None
+        ry = torch.arange(h, device=dev) - cutout_xy[:, 1:]  # (B, H)
+        rx = torch.arange(w, device=dev) - cutout_xy[:, :1]  # (B, W)
+        hole = ((ry >= 0) & (ry < cutout))[:, :, None] & ((rx >= 0) & (rx < cutout))[:, None, :]
+        keep = keep & ~hole
+    batch = torch.arange(b, device=dev)[:, None, None]
+    out = images[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+    out = out * keep[..., None].to(out.dtype)  # (B, H, W, 3)
+    return rearrange(out, "b h w c -> b c h w").contiguous()
+
+
+class DeviceLoader:
+    """Batches of an in-memory :class:`ImageDataset`, held on ``device`` and augmented there.
+
+    The uint8 images move to the device once; each batch is a gather plus :func:`augment_batch`
+    (random crop after zero padding, horizontal flip with p=0.5, cutout of one square fully inside
+    the image — the same distributions as the albumentations pipeline), with no worker processes,
+    which a CPU pipeline cannot match when feeding a small ViT on a GPU (the airbench approach).
+    The order comes from :class:`EpochBatchSampler` (``loader.batch_sampler``, same permutation,
+    resume point and DDP shares as :func:`make_loader`) and every random draw from
+    :func:`uniform_ints` of ``(seed, epoch, index)``, so exact resume holds. Yields
+    ``(uint8 (B, 3, H, W), int64 (B,))`` on ``device``; normalisation stays with the task.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        *,
+        device: torch.device | str,
+        seed: int = 0,
+        shuffle: bool,
+        drop_last: bool,
+        crop_padding: int = 0,
+        hflip: bool = False,
+        cutout: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not isinstance(dataset, ImageDataset):
+            raise TypeError(
+                f"DeviceLoader needs an in-memory ImageDataset, got {type(dataset).__name__}; "
+                f"use make_loader for other datasets"
+            )
+        if cutout > dataset.img_size:
+            raise ValueError(f"cutout {cutout} exceeds the image size {dataset.img_size}")
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device)  # uint8 (N, H, W, 3)
+        self.labels = dataset.labels.to(self.device)
+        self.seed, self.crop_padding, self.hflip, self.cutout = seed, crop_padding, hflip, cutout
+        self.batch_sampler = EpochBatchSampler(
+            len(dataset),
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
+        self._augment = shuffle and (crop_padding > 0 or hflip or cutout > 0)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def params(self, epoch: int, index: Tensor) -> dict[str, Any]:
+        """Augmentation parameters of samples ``index`` in ``epoch`` (see :func:`augment_batch`)."""
+        seed, size = self.seed, self.images.shape[1]
+        out: dict[str, Any] = {"crop_padding": self.crop_padding, "cutout": self.cutout}
+        if self.crop_padding > 0:
+            span = 2 * self.crop_padding + 1  # offsets 0..2p, as RandomCrop of the padded image
+            xy = [uniform_ints(seed, epoch, index, s, span) for s in (0, 1)]
+            out["crop_xy"] = torch.stack(xy, dim=1)
+        if self.hflip:
+            out["flip"] = uniform_ints(seed, epoch, index, 2, 2).bool()
+        if self.cutout > 0:
+            span = size - self.cutout + 1  # CoarseDropout keeps the hole inside the image
+            xy = [uniform_ints(seed, epoch, index, s, span) for s in (3, 4)]
+            out["cutout_xy"] = torch.stack(xy, dim=1)
+        return out
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        sampler = self.batch_sampler
+        epoch = sampler.epoch
+        order = sampler.order().to(self.device, non_blocking=True)
+        for lo, hi in sampler.bounds():
+            index = order[lo:hi]
+            x = self.images[index]  # (B, H, W, 3)
+            if self._augment:
+                x = augment_batch(x, **self.params(epoch, index))
+            else:
+                x = rearrange(x, "b h w c -> b c h w").contiguous()
+            yield x, self.labels[index]

@@ -136,7 +136,12 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto = cuda when available, else cpu")
     compile: bool = _opt(False, "torch.compile the model")
     channels_last: bool = _opt(True, "channels-last memory format for images and conv weights")
-    workers: int = _opt(0, "DataLoader worker processes")
+    workers: int = _opt(0, "DataLoader worker processes (--loader cpu)")
+    loader: Literal["auto", "cpu", "device"] = _opt(
+        "auto",
+        "cpu: DataLoader + albumentations; device: images and crop/flip/cutout on the training "
+        "device (vit.data.DeviceLoader); auto: device on CUDA when the data and policy allow it",
+    )
     seed: int = _opt(0, "seed of initialisation, data order, augmentation, dropout")
     out_dir: str = _opt("", "run directory; '' = runs/<task>-<data>")
     resume: str = _opt("", "'auto' (out-dir/last.pt when present) or a checkpoint path")
@@ -337,6 +342,8 @@ class Task(abc.ABC):
 
     datasets: ClassVar[tuple[str, ...]]
     primary_metric: ClassVar[str]
+    # True when evaluate() all-reduces its sums under DDP, so each rank validates only its share.
+    shards_evaluation: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, state: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
@@ -367,9 +374,18 @@ class Task(abc.ABC):
 
     @staticmethod
     def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+        name = spec["name"]
+        if name.startswith("timm:"):
+            # Any timm model by name, e.g. the reference ViT of benchmarks/time_to_accuracy.py,
+            # so that it is trained and measured by the same engine.
+            import timm
+
+            if not timm.is_model(name.removeprefix("timm:")):
+                raise ValueError(f"{name!r} is not a timm model name (see timm.list_models())")
+            return timm.create_model(name.removeprefix("timm:"), **spec["kwargs"])
         from vit.models import create_model
 
-        return create_model(spec["name"], **spec["kwargs"])
+        return create_model(name, **spec["kwargs"])
 
     def collate_fn(self) -> Callable[[list[Any]], Any] | None:
         """The DataLoader's collate function (``None``: PyTorch's default)."""
@@ -419,6 +435,7 @@ class ClassificationTask(Task):
 
     datasets = ("cifar10", "imagefolder", "synthetic")
     primary_metric = "top1"
+    shards_evaluation = True
 
     def __init__(self, cfg: RunConfig, state: dict[str, Any] | None = None) -> None:
         super().__init__(cfg, state)
@@ -452,6 +469,10 @@ class ClassificationTask(Task):
             )
         if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
             raise ConfigError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
+        if cfg.model.startswith("timm:") and cfg.rollout_every > 0:
+            raise ConfigError(
+                f"attention rollout needs a vit model, not {cfg.model!r}; set --rollout-every 0"
+            )
         if cfg.data == "cifar10" and cfg.img_size != 32:
             raise ConfigError(f"CIFAR-10 images are 32x32; set img_size 32 (got {cfg.img_size})")
 
@@ -603,6 +624,11 @@ class ClassificationTask(Task):
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
             n += len(y)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each DDP rank validated its share (shards_evaluation): add up the sums.
+            sums = torch.tensor([total_loss, correct, n], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(sums)
+            total_loss, correct, n = sums[0].item(), round(sums[1].item()), round(sums[2].item())
         return {"top1": correct / n, "loss": total_loss / n, "n": n}
 
     # -- rollout --------------------------------------------------------------------------------
@@ -774,6 +800,64 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``. Under torchrun (``WORLD_SIZE`` > 1) this process joins the
+    group from torchrun's environment: nccl with one GPU per process (``LOCAL_RANK``) on CUDA,
+    gloo on the CPU. ``batch_size`` stays the global batch and must divide among the ranks."""
+    device = resolve_device(cfg.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is the global batch and must divide among the "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def _leave_process_group(*, agreed: bool) -> None:
+    """End DDP: after an exit every rank agreed on, wait for the others first (rank 0 may still
+    be writing the last checkpoint); after a one-rank error, leave at once (torchrun stops the
+    rest) rather than wait in a barrier the others never reach."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if agreed:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+class _WaitClock:
+    """Time spent waiting in ``next()`` of an iterator (the data loader's share of a step)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def iterate(self, iterable: Any) -> Iterator[Any]:
+        it = iter(iterable)
+        while True:
+            t0 = time.monotonic()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.seconds += time.monotonic() - t0
+            yield item
+
+    def take(self) -> float:
+        """The seconds waited since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -794,7 +878,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.t_start = time.monotonic()
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.rank, self.world_size, self.device = _init_distributed(cfg)
+        self.is_main = self.rank == 0  # logs, checkpoints and the progress bar are rank 0's
         self.out = Path(cfg.out_dir)
         resume = self._resume_path()
         ckpt = load_checkpoint(resume) if resume else None
@@ -832,7 +917,18 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True)
-        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        self.train_model = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP averages the ranks' gradients; each rank's loss is the mean over its share of
+            # the global batch, so a step equals the single-process step on the whole batch.
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+            # The initialisation above is shared; dropout and drop path must differ per rank.
+            torch.manual_seed(cfg.seed + self.rank)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         total = cfg.epochs * self.steps_per_epoch
         warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), total)
         self.progress = _Progress(total_steps=total, warmup_steps=warmup)
@@ -840,24 +936,64 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt, resume)
         self.collate = self.task.collate_fn()
+        self.device_loader = self._use_device_loader()
         self.train_loader = self._loader(self.train_set, cfg.batch_size, train=True)
         self.val_loader = self._loader(self.val_set, 2 * cfg.batch_size, train=False)
         self._signal: int | None = None
+        self._stop = False  # under DDP: some rank was signalled (agreed at each step)
+        self._data_clock = _WaitClock()
         self.skipped_steps = 0
         self.last_metrics: dict[str, Any] = {}
 
-    def _loader(self, ds: Dataset, batch_size: int, *, train: bool) -> DataLoader:
-        from vit.data import make_loader
+    def _use_device_loader(self) -> bool:
+        """Resolve ``--loader``: the device loader needs in-memory images and a policy it can run
+        (crop, flip, cutout), and only pays off on CUDA (``auto``)."""
+        from vit.data import ImageDataset
 
-        return make_loader(
+        cfg = self.cfg
+        why = None
+        if not all(isinstance(d, ImageDataset) for d in (self.train_set, self.val_set)):
+            why = f"task {cfg.task!r} does not keep its data as an in-memory ImageDataset"
+        elif self.collate is not None:
+            why = f"task {cfg.task!r} collates its own batches"
+        elif cfg.randaugment_ops > 0:
+            why = "randaugment_ops > 0 (RandAugment runs on the CPU only)"
+        if cfg.loader == "device" and why is not None:
+            raise ConfigError(f"--loader device cannot be used: {why}; use --loader cpu or auto")
+        return cfg.loader == "device" or (
+            cfg.loader == "auto" and why is None and self.device.type == "cuda"
+        )
+
+    def _loader(self, ds: Dataset, batch_size: int, *, train: bool) -> Any:
+        """The training or validation loader: a DataLoader, or the device-resident loader, of
+        this rank's share of each global batch."""
+        from vit import data
+
+        cfg = self.cfg
+        shard = train or self.task.shards_evaluation
+        ranks = {"rank": self.rank, "world_size": self.world_size} if shard else {}
+        if self.device_loader:
+            policy = {"crop_padding": cfg.crop_padding, "hflip": cfg.hflip, "cutout": cfg.cutout}
+            return data.DeviceLoader(
+                ds,
+                batch_size,
+                device=self.device,
+                seed=cfg.seed,
+                shuffle=train,
+                drop_last=train,
+                **(policy if train else {}),
+                **ranks,
+            )
+        return data.make_loader(
             ds,
             batch_size,
-            seed=self.cfg.seed,
+            seed=cfg.seed,
             shuffle=train,
             drop_last=train,
-            workers=self.cfg.workers,
+            workers=cfg.workers,
             collate_fn=self.collate,
             pin_memory=self.device.type == "cuda",
+            **ranks,
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -888,7 +1024,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": dataclasses.asdict(self.progress),
-            "rng": _rng_state(),
+            "rng": self._rng_states(),
             "metrics": self.last_metrics,
         }
 
@@ -908,11 +1044,25 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = _Progress(**ckpt["progress"])
         self.last_metrics = dict(ckpt.get("metrics") or {})
-        _set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"]
+        if "ranks" in rng:  # a DDP checkpoint: this rank's state (rank 0's after a world change)
+            ranks = rng["ranks"]
+            rng = ranks[self.rank] if len(ranks) == self.world_size else ranks[0]
+        _set_rng_state(rng)
+
+    def _rng_states(self) -> dict[str, Any]:
+        """The RNG state; under DDP every rank's (a collective call), for exact resume."""
+        if self.world_size == 1:
+            return _rng_state()
+        states: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(states, _rng_state())
+        return {"ranks": states}
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.out / name
-        save_checkpoint(self.state_dict(), path)
+        state = self.state_dict()  # every rank: gathering the RNG states is collective under DDP
+        if self.is_main:
+            save_checkpoint(state, path)
         return path
 
     # -- one step -------------------------------------------------------------------------------
@@ -931,7 +1081,7 @@ class Trainer:
         batch = self.task.prepare_batch(batch, self.device)
         with self.autocast:
             loss = self.task.loss(self.train_model, batch, p.step)
-        value = loss.item()
+        value = self._sync_step(loss)
         if not math.isfinite(value):
             raise Diverged(f"the loss became {value} at step {p.step}")
         self.scaler.scale(loss).backward()
@@ -950,6 +1100,19 @@ class Trainer:
             self.ema.update(self.model, step=p.step)
         p.step += 1
         return {"loss": value, "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped)}
+
+    def _sync_step(self, loss: Tensor) -> float:
+        """The loss, averaged over DDP ranks together with a "signalled" flag: every rank then
+        agrees on divergence and on the step after which to stop (one rank stopping alone would
+        leave the others waiting in the next all-reduce)."""
+        if self.world_size == 1:
+            return loss.item()
+        flag = torch.tensor(float(self._signal is not None), device=loss.device)
+        both = torch.stack([loss.detach().float(), flag])
+        torch.distributed.all_reduce(both)
+        total, signalled = both.tolist()
+        self._stop = signalled > 0
+        return total / self.world_size
 
     # -- validation -----------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
@@ -983,6 +1146,13 @@ class Trainer:
         steps = max(p.step + 1, p.step + int(budget / per_step))
         p.total_steps = min(steps, cfg.epochs * self.steps_per_epoch)
         p.warmup_steps = min(p.warmup_steps, p.total_steps // 5)
+        if self.world_size > 1:
+            # Each rank timed its own steps; rank 0's schedule is everyone's, or they stop apart.
+            sched = torch.tensor([p.total_steps, p.warmup_steps], device=self.device)
+            torch.distributed.broadcast(sched, 0)
+            p.total_steps, p.warmup_steps = sched.tolist()
+        if not self.is_main:
+            return
         print(
             f"time limit {cfg.time_limit:g} min: {step_time * 1e3:.0f} ms/step → "
             f"{p.total_steps} steps ({p.total_steps / self.steps_per_epoch:.1f} epochs)",
@@ -1007,6 +1177,8 @@ class Trainer:
         return SummaryWriter(str(self.out), purge_step=purge)
 
     def _log(self, writer: Any, kind: str, values: dict[str, Any]) -> None:
+        if writer is None:  # DDP ranks other than 0
+            return
         p = self.progress
         record = {"kind": kind, "step": p.step, "epoch": p.epoch, **values}
         self._metrics_file.write(json.dumps(record) + "\n")
@@ -1031,11 +1203,11 @@ class Trainer:
                 signal.signal(s, h)
 
     def _check_signal(self) -> None:
-        if self._signal is not None:
+        if self._stop if self.world_size > 1 else self._signal is not None:
             path = self.save()
-            name = signal.Signals(self._signal).name
+            name = signal.Signals(self._signal or signal.SIGTERM).name
             raise Interrupted(
-                self._signal,
+                self._signal or signal.SIGTERM,
                 f"{name} at step {self.progress.step}: saved {path}; continue with --resume auto",
             )
 
@@ -1047,10 +1219,11 @@ class Trainer:
 
         cfg, p = self.cfg, self.progress
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(
-            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
-        )
-        writer = self._open_logs()
+        if self.is_main:
+            (self.out / "config.yaml").write_text(
+                yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+            )
+        writer = self._open_logs() if self.is_main else None
         sampler = self.train_loader.batch_sampler
         # --time-limit: fit the schedule after a few measured steps, again after the first epoch
         # (then with the measured validation and checkpoint time). A resumed run keeps its schedule.
@@ -1067,11 +1240,12 @@ class Trainer:
                         total=self.steps_per_epoch,
                         initial=p.batch_in_epoch,
                         desc=f"epoch {p.epoch + 1}",
-                        disable=quiet,
+                        disable=quiet or not self.is_main,
                         leave=False,
                     )
                     t_log, seen = time.monotonic(), 0
-                    for batch in self.train_loader:
+                    self._data_clock.take()
+                    for batch in self._data_clock.iterate(self.train_loader):
                         stats = self.train_step(batch)
                         p.batch_in_epoch += 1
                         seen += cfg.batch_size
@@ -1084,6 +1258,8 @@ class Trainer:
                         if p.step % cfg.log_every == 0:
                             now = time.monotonic()
                             stats["images_per_s"] = seen / (now - t_log)
+                            # Share of the wall time spent waiting for the next batch.
+                            stats["data_wait"] = self._data_clock.take() / (now - t_log)
                             t_log, seen = now, 0
                             self._log(writer, "train", stats)
                         if cfg.save_every and p.step % cfg.save_every == 0:
@@ -1099,15 +1275,17 @@ class Trainer:
                             (t_end - self.t_train) / p.step, time.monotonic() - t_end
                         )
                     self._check_signal()
-            writer.add_hparams(
-                _hparams(cfg),
-                {f"hparam/best_{self.task.primary_metric}": p.best},
-                run_name=".",
-                global_step=p.step,
-            )
+            if writer is not None:
+                writer.add_hparams(
+                    _hparams(cfg),
+                    {f"hparam/best_{self.task.primary_metric}": p.best},
+                    run_name=".",
+                    global_step=p.step,
+                )
         finally:
-            writer.close()
-            self._metrics_file.close()
+            if writer is not None:
+                writer.close()
+                self._metrics_file.close()
         return self.last_metrics
 
     def _end_epoch(self, writer: Any) -> None:
@@ -1123,6 +1301,8 @@ class Trainer:
             p.best, p.best_step = primary, p.step
             self.save("best.pt")
         self.save()
+        if writer is None:  # DDP ranks other than 0
+            return
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "n")
         print(
             f"epoch {p.epoch} step {p.step}/{p.total_steps}: val {shown} "
@@ -1164,13 +1344,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         result = train(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
+        _leave_process_group(agreed=False)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
+        _leave_process_group(agreed=True)
         print(f"error: {e}; stopped, the last good checkpoint is kept", file=sys.stderr)
         return 1
     except Interrupted as e:
+        _leave_process_group(agreed=True)
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum
-    print(json.dumps(result))
+    _leave_process_group(agreed=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
     return 0

@@ -1,0 +1,108 @@
+"""DDP: ``torchrun --nproc_per_node 2 train.py`` (gloo, CPU, loopback) matches a single-process run
+with the same global batch; the ranks' shares of the engine's batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vit.data import DeviceLoader, ImageDataset, make_loader, synthetic
+from vit.train import load_checkpoint, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# No dropout, drop path or mixup: one global batch split over two ranks is then the same
+# computation as the whole batch in one process (each rank's loss is its mean, DDP averages the
+# gradients). Crop/flip/cutout are per-sample functions of (seed, epoch, index), so they match too.
+RUN = {
+    "data": "synthetic",
+    "synthetic_train": 128,
+    "synthetic_val": 40,
+    "img_size": 16,
+    "model_args": "{embed_dim: 32, depth: 2, num_heads: 2}",
+    "batch_size": 32,
+    "epochs": 2,
+    "rollout_every": 0,
+    "log_every": 2,
+    "device": "cpu",
+    "cutout": 4,
+}
+
+
+def _argv(out: Path, **extra: object) -> list[str]:
+    values = {**RUN, **extra, "out_dir": str(out)}
+    return [a for k, v in values.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+# ~25 s each on 2 cores; the device loader's rank shares are also checked in-process below.
+@pytest.mark.parametrize("loader", ["cpu", pytest.param("device", marks=pytest.mark.slow)])
+def test_two_gloo_processes_match_one_process(tmp_path: Path, loader: str, capsys) -> None:
+    assert main(_argv(tmp_path / "single", loader=loader)) == 0
+    single_result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(ROOT / "train.py"), *_argv(tmp_path / "ddp", loader=loader)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1, proc.stdout  # only rank 0 reports
+    ddp_result = results[0]
+
+    single = load_checkpoint(tmp_path / "single" / "last.pt")
+    ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert ddp["progress"] == single["progress"]
+    for name, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][name], value, atol=1e-5, rtol=0, msg=name)
+    # Validation is sharded over the ranks and all-reduced: the same sums as one process.
+    assert ddp_result["n"] == single_result["n"] == RUN["synthetic_val"]
+    assert ddp_result["top1"] == single_result["top1"]
+    assert abs(ddp_result["loss"] - single_result["loss"]) < 1e-5
+    # Each rank's RNG state is kept for exact resume.
+    assert len(ddp["rng"]["ranks"]) == 2
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len([r for r in map(json.loads, lines) if r["kind"] == "val"]) == RUN["epochs"]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_rank_shares_partition_each_global_batch(drop_last: bool) -> None:
+    x, y, _ = synthetic(50, img_size=12)
+    ds = ImageDataset(x, y, [str(i) for i in range(10)])
+    kw = {"seed": 3, "shuffle": True, "drop_last": drop_last}
+
+    def batches(world: int, rank: int, device: bool) -> list[torch.Tensor]:
+        if device:
+            loader = DeviceLoader(ds, 16, device="cpu", rank=rank, world_size=world, **kw)
+        else:
+            loader = make_loader(ds, 16, rank=rank, world_size=world, **kw)
+        loader.batch_sampler.set_epoch(2, start=1)
+        return [b[1] for b in loader]
+
+    for device in (False, True):
+        whole = batches(1, 0, device)
+        shares = [batches(3, r, device) for r in range(3)]
+        assert len(whole) == (2 if drop_last else 3)
+        for b, labels in enumerate(whole):
+            # A share of a short last batch can be empty and is then skipped (no empty batches).
+            parts = [s[b] for s in shares if b < len(s)]
+            assert torch.equal(torch.cat(parts), labels)
+        assert [len(s) for s in shares] == ([2, 2, 2] if drop_last else [2, 3, 3])
+
+
+def test_batch_size_must_divide_among_ranks(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(_argv(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "batch_size 32 is the global batch" in err and "multiple of 3" in err
