@@ -479,3 +479,120 @@ def test_bleu_uses_every_reference() -> None:
     assert 0 < partial["bleu4"] < partial["bleu1"] < 1
     with pytest.raises(ValueError, match="one per image"):
         bleu_scores(["a"], refs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the training engine
+# ----------------------------------------------------------------------------------------------
+def _caption_flags(out_dir, **over) -> list[str]:
+    values = {
+        "task": "caption",
+        "data": "shapes",
+        "model": "caption_mini_patch8_32",
+        "model_args": "{embed_dim: 32, depth: 1, num_heads: 2, decoder_depth: 1}",
+        "task_args": "{train_scenes: 96, val_scenes: 16, max_len: 28, sample_images: 2}",
+        "img_size": 16,
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 0.003,
+        "log_every": 4,
+        "amp": "bf16",
+        "crop_padding": 1,
+        "hflip": True,
+        "out_dir": str(out_dir),
+        **over,
+    }
+    flags = []
+    for k, v in values.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    return [f for f in flags if f != "True"]  # --hflip is a switch
+
+
+def test_caption_training_through_the_engine_resumes_exactly(tmp_path, monkeypatch, capsys):
+    import json
+    import os
+    import signal
+
+    from vit.captions import CaptionTask
+    from vit.evaluate import main as evaluate_main
+    from vit.train import main as train_main
+
+    assert train_main(_caption_flags(tmp_path / "a")) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"bleu1", "bleu4", "loss", "n"} <= set(result) and result["n"] == 16
+    run = tmp_path / "a"
+    assert {"best.pt", "last.pt", "vocab.json", "config.yaml", "metrics.jsonl"} <= {
+        p.name for p in run.iterdir()
+    }
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert Tokenizer.load(run / "vocab.json").itos == ckpt["task_state"]["vocab"]
+
+    # TensorBoard: loss and BLEU scalars, sample captions as text, attention maps as images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/bleu4", "val/loss"} <= set(tags["scalars"])
+    assert "captions/samples/text_summary" in tags["tensors"]
+    assert {"captions/attention_0", "captions/attention_1"} <= set(tags["images"])
+
+    # Killed mid-epoch (SIGTERM at step 8 of 12), resumed: the same weights as run a.
+    real = CaptionTask.loss
+
+    def loss(self, model, batch, step):
+        if step == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, model, batch, step)
+
+    monkeypatch.setattr(CaptionTask, "loss", loss)
+    b = _caption_flags(tmp_path / "b")
+    assert train_main(b) == 128 + signal.SIGTERM
+    monkeypatch.setattr(CaptionTask, "loss", real)
+    assert train_main([*b, "--resume", "auto"]) == 0
+    wa = torch.load(run / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    capsys.readouterr()
+
+    # vit.evaluate reports the same BLEU as the end of training, through the task interface.
+    assert evaluate_main(["--checkpoint", str(run / "last.pt"), "--amp", "bf16"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["bleu4"] == pytest.approx(result["bleu4"])
+    assert evaluated["n"] == 16
+
+
+def test_caption_cli(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from vit.caption import main as caption_main
+    from vit.train import main as train_main
+
+    assert train_main(_caption_flags(tmp_path / "run", epochs=1, amp="off")) == 0
+    scenes = make_shapes(2, img_size=16, seed=7)
+    paths = []
+    for i, img in enumerate(scenes.images):
+        paths.append(str(tmp_path / f"scene{i}.png"))
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(paths[-1])
+    capsys.readouterr()
+    ckpt = str(tmp_path / "run" / "best.pt")
+    assert caption_main(["--checkpoint", ckpt, "--images", *paths, "--beam-size", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == paths
+    assert caption_main(["--checkpoint", ckpt, "--images", str(tmp_path / "nope.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: image file(s) not found") and err.count("\n") == 1
+
+
+def test_caption_task_refuses_bad_config(tmp_path, capsys) -> None:
+    from vit.train import main as train_main
+
+    cases = [
+        ({"task_args": "{max_lenn: 20}"}, "unknown task_args key 'max_lenn' for task 'caption'"),
+        ({"mixup": 0.8}, "mixup are classification augmentations"),
+        ({"model_args": "{vocab_size: 10}"}, "set vocab_size through the run config"),
+        ({"data": "flickr8k", "data_dir": str(tmp_path)}, "no captions file in"),
+    ]
+    for over, message in cases:
+        assert train_main(_caption_flags(tmp_path / "bad", **over)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
