@@ -201,6 +201,7 @@ class CaptionDataset(Dataset):
         self.max_len = max_len
         self.img_size = img_size
         self.crop_padding, self.hflip, self.seed = crop_padding, hflip, seed
+        self._decoded: dict[int, Tensor] = {}
         self._mirror = {
             tokenizer.stoi[a]: tokenizer.stoi[b]
             for a, b in (("left", "right"), ("right", "left"))
@@ -247,7 +248,12 @@ class CaptionDataset(Dataset):
     def image(self, i: int) -> Tensor:
         """Image ``i`` (of the underlying data) as uint8 (3, S, S)."""
         images = self.data.images
-        img = images[i] if isinstance(images, Tensor) else _read_image(images[i], self.img_size)
+        if isinstance(images, Tensor):
+            img = images[i]
+        else:  # files are decoded and resized once, on first use
+            if i not in self._decoded:
+                self._decoded[i] = _read_image(images[i], self.img_size)
+            img = self._decoded[i]
         if img.shape[-1] != self.img_size or img.shape[-2] != self.img_size:
             img = (
                 torch.nn.functional.interpolate(
