@@ -155,7 +155,7 @@ def shapes16() -> tuple[CaptionDataset, Tokenizer]:
 
 
 @pytest.fixture(scope="module")
-def spread_model(shapes16) -> CaptioningTransformer:
+def trained_model(shapes16) -> CaptioningTransformer:
     """A tiny captioner trained for a few seconds: its captions vary, end with <eos> at different
     steps, and greedy and beam search disagree (a fresh model repeats one token). float64, so
     that cached and uncached arithmetic cannot flip an argmax by rounding."""
@@ -181,44 +181,44 @@ def images(shapes16) -> torch.Tensor:
     return normalize(make_shapes(8, img_size=16, seed=99).images).double()
 
 
-def test_greedy_cached_equals_uncached(spread_model, images) -> None:
-    cached = spread_model.generate(images, 20)
-    uncached = spread_model.generate(images, 20, use_cache=False)
+def test_greedy_cached_equals_uncached(trained_model, images) -> None:
+    cached = trained_model.generate(images, 20)
+    uncached = trained_model.generate(images, 20, use_cache=False)
     assert torch.equal(cached, uncached)
     assert len(set(cached.flatten().tolist())) > 8  # real captions, not one repeated token
-    lengths = (cached == spread_model.config.eos_id).int().argmax(1)
-    assert (cached == spread_model.config.eos_id).any(1).all() and len(set(lengths.tolist())) > 1
+    lengths = (cached == trained_model.config.eos_id).int().argmax(1)
+    assert (cached == trained_model.config.eos_id).any(1).all() and len(set(lengths.tolist())) > 1
 
 
 @pytest.mark.parametrize("beam_size", [2, 4])
-def test_beam_cached_equals_uncached(spread_model, images, beam_size: int) -> None:
-    cached = spread_model.generate(images, 20, beam_size=beam_size)
-    uncached = spread_model.generate(images, 20, beam_size=beam_size, use_cache=False)
+def test_beam_cached_equals_uncached(trained_model, images, beam_size: int) -> None:
+    cached = trained_model.generate(images, 20, beam_size=beam_size)
+    uncached = trained_model.generate(images, 20, beam_size=beam_size, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
-def test_beam_size_one_is_greedy(spread_model, images) -> None:
-    greedy = spread_model.generate(images, 20)
-    memory = spread_model.forward_memory(images)
+def test_beam_size_one_is_greedy(trained_model, images) -> None:
+    greedy = trained_model.generate(images, 20)
+    memory = trained_model.forward_memory(images)
     with torch.no_grad():
         for use_cache in (True, False):
-            beam = spread_model._beam_search(
+            beam = trained_model._beam_search(
                 memory, 20, 1, use_cache
             )  # generate() sends k=1 to greedy
             assert torch.equal(beam, greedy)
 
 
-def test_beam_search_is_exact_when_the_beam_holds_every_prefix(spread_model, images) -> None:
+def test_beam_search_is_exact_when_the_beam_holds_every_prefix(trained_model, images) -> None:
     # With beam_size = vocabulary size and two steps nothing is pruned, so the result must be the
     # most likely two-token continuation, found here by enumerating all of them.
-    v, cfg = spread_model.config.vocab_size, spread_model.config
-    beam = spread_model.generate(images, 2, beam_size=v)
+    v, cfg = trained_model.config.vocab_size, trained_model.config
+    beam = trained_model.generate(images, 2, beam_size=v)
     bos = torch.full((len(images), 1), cfg.bos_id)
     with torch.no_grad():
-        first = spread_model(images, bos)[:, -1].log_softmax(-1)  # (B, V)
+        first = trained_model(images, bos)[:, -1].log_softmax(-1)  # (B, V)
         second = torch.stack(
             [
-                spread_model(images, torch.cat([bos, torch.full_like(bos, a)], 1))[:, -1]
+                trained_model(images, torch.cat([bos, torch.full_like(bos, a)], 1))[:, -1]
                 for a in range(v)
             ],
             dim=1,
@@ -231,9 +231,9 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix(spread_model, ima
     assert torch.equal(beam, expected)
 
 
-def test_generation_output_format(spread_model, images) -> None:
-    ids = spread_model.generate(images, 20)
-    cfg = spread_model.config
+def test_generation_output_format(trained_model, images) -> None:
+    ids = trained_model.generate(images, 20)
+    cfg = trained_model.config
     for row in ids.tolist():
         if cfg.eos_id in row:
             after = row[row.index(cfg.eos_id) + 1 :]

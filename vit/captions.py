@@ -228,7 +228,7 @@ class CaptionDataset(Dataset):
         if truncated:
             log.warning(
                 "%s: %d of %d captions are longer than max_len=%d tokens (with <bos>/<eos>) and "
-                "were truncated; raise --max-len to keep them whole",
+                "were truncated; raise max_len (training: --task-args '{max_len: N}') to keep them",
                 name,
                 truncated,
                 len(self.index),
