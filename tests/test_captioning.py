@@ -596,3 +596,30 @@ def test_caption_task_refuses_bad_config(tmp_path, capsys) -> None:
         assert train_main(_caption_flags(tmp_path / "bad", **over)) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_coco_captions_through_torchvision(tmp_path, caplog) -> None:
+    import json
+
+    pytest.importorskip("pycocotools", reason="--data coco needs pycocotools")
+    ann = {
+        "images": [
+            {"id": 1, "file_name": "1.jpg", "height": 24, "width": 20},
+            {"id": 2, "file_name": "2.jpg", "height": 24, "width": 20},
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "A red square."},
+            {"id": 11, "image_id": 1, "caption": "Something red"},
+            {"id": 12, "image_id": 2, "caption": "A missing picture"},
+        ],
+    }
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(ann))
+    _write_images(tmp_path / "val2017", ["1.jpg"])
+    with caplog.at_level(logging.WARNING, logger="vit.captions"):
+        data = load_caption_data("coco", "val", data_dir=tmp_path)
+    assert [p.name for p in data.images] == ["1.jpg"]
+    assert data.captions == [["A red square.", "Something red"]]
+    assert "1 of 2 images are missing" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"captions_train2017\.json"):
+        load_caption_data("coco", "train", data_dir=tmp_path)
