@@ -1180,7 +1180,9 @@ class Trainer:
         if writer is None:  # DDP ranks other than 0
             return
         p = self.progress
-        record = {"kind": kind, "step": p.step, "epoch": p.epoch, **values}
+        # "seconds": since this process started (the time-to-accuracy curve).
+        seconds = round(time.monotonic() - self.t_start, 2)
+        record = {"kind": kind, "step": p.step, "epoch": p.epoch, "seconds": seconds, **values}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
         for k, v in values.items():
