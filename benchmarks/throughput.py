@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -135,24 +136,36 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> list[tup
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["vit_tiny_patch4_32", "vit_small_patch4_32"])
+    parser.add_argument(
+        "--models", nargs="+", default=["vit_tiny_patch4_32", "vit_small_patch4_32"]
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per implementation")
     parser.add_argument("--steps", type=int, default=2, help="steps per timed round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
-        "--amp", choices=["auto", "off", "bf16"], default="auto", help="auto: bf16 on CUDA, off on CPU"
+        "--amp",
+        choices=["auto", "off", "bf16"],
+        default="auto",
+        help="auto: bf16 on CUDA, else off",
     )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch's default)")
     args = parser.parse_args(argv)
 
     unknown = [m for m in args.models if m not in list_models("vit_*")]
     if unknown:
-        print(f"error: unknown model(s) {unknown}; choose from {list_models('vit_*')}", file=sys.stderr)
+        choices = ", ".join(list_models("vit_*"))
+        print(f"error: unknown model(s) {unknown}; choose from {choices}", file=sys.stderr)
         return 2
-    if min(args.batch_size, args.rounds, args.steps) < 1 or args.warmup < 0:
-        print("error: --batch-size, --rounds and --steps must be >= 1, --warmup >= 0", file=sys.stderr)
+    if min(args.batch_size, args.rounds, args.steps, args.threads or 1) < 1 or args.warmup < 0:
+        print(
+            "error: --batch-size, --rounds, --steps and --threads must be >= 1, --warmup >= 0",
+            file=sys.stderr,
+        )
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -166,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# {where}, {torch.get_num_threads()} threads, {dtype}, batch {args.batch_size}, "
-        f"median of {args.rounds} alternating rounds x {args.steps} steps, torch {torch.__version__}"
+        f"median of {args.rounds} alternating rounds x {args.steps} steps, "
+        f"torch {torch.__version__}, timm {timm.__version__}"
     )
     rows = [row for name in args.models for row in bench(name, args, device)]
     print("| model | mode | ours img/s | timm img/s | ours/timm |")

@@ -137,6 +137,25 @@ def test_scale_is_inverse_sqrt_head_dim() -> None:
     assert not torch.allclose(attn(x), wrong, atol=1e-4)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "key_padding"])
+def test_num_queries_gives_the_first_rows(mask_kind: str) -> None:
+    attn = Attention(D, num_heads=H).eval()
+    x = torch.randn(B, L, D)
+    kw = SELF_MASKS[mask_kind]
+    full, full_weights = attn(x, need_weights=True, **kw)
+    rows = {k: v[:2] if k == "attn_mask" else v for k, v in kw.items()}  # 2 query rows
+    fused = attn(x, num_queries=2, **rows)
+    explicit, weights = attn(x, num_queries=2, need_weights=True, **rows)
+    torch.testing.assert_close(fused, full[:, :2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit, full[:, :2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, full_weights[:, :, :2])
+    with pytest.raises(ValueError, match="num_queries"):
+        attn(x, num_queries=1, is_causal=True)
+
+    block = EncoderBlock(D, num_heads=H, layer_scale_init=0.5).eval()
+    torch.testing.assert_close(block(x, num_queries=1), block(x)[:, :1], atol=1e-5, rtol=1e-5)
+
+
 def test_causal_mask_layout() -> None:
     assert causal_mask(3, 3).tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     # With a cache the 2 queries are positions 2 and 3 of 4.

@@ -73,6 +73,31 @@ def test_forward_features_is_the_written_out_pipeline() -> None:
     torch.testing.assert_close(model.forward_features(x), model.norm(h))
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(fc_norm=True, layer_scale_init=0.1)])
+def test_forward_equals_head_of_features(overrides: dict) -> None:
+    # forward() runs the last block for the class token only; logits and gradients must be
+    # those of the full computation.
+    model = create_model("vit_tiny_patch4_32", **TINY, **overrides).eval()
+    nn.init.normal_(model.head.weight, std=0.5)
+    x = torch.randn(3, 3, 16, 16)
+    params = list(model.parameters())
+    fast = model(x)
+    full = model.forward_head(model.forward_features(x))
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    cotangent = torch.randn(fast.shape)
+    g_fast = torch.autograd.grad(fast, params, cotangent)
+    g_full = torch.autograd.grad(full, params, cotangent)
+    for name_p, a, b in zip(dict(model.named_parameters()), g_fast, g_full, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name_p)
+
+    # While attention is recorded (rollout), every block runs for every token.
+    recorded: list[torch.Tensor] = []
+    for block in model.blocks:
+        block.attn.recorder = recorded.append
+    torch.testing.assert_close(model(x), full, atol=1e-5, rtol=1e-5)
+    assert [tuple(w.shape) for w in recorded] == [(3, 2, 17, 17)] * 2
+
+
 def test_mean_pooling_and_fc_norm() -> None:
     model = create_model("vit_tiny_patch4_32", pool="mean", **TINY).eval()
     assert model.cls_token is None and model.pos_embed.shape == (1, 16, 32)

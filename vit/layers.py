@@ -190,14 +190,21 @@ class Attention(nn.Module):
         is_causal: bool = False,
         cache: dict[str, Tensor] | None = None,
         need_weights: bool = False,
+        num_queries: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``x`` (B, L, D) to itself, or to ``context`` (B, S, D) when ``cross``.
 
         ``attn_mask``/``key_padding_mask`` follow :func:`merge_masks`; ``is_causal`` blocks future
         keys; ``cache`` (a dict owned by the caller, one per layer) stores keys/values across decode
-        steps. Returns the output (B, L, D), or ``(output, weights)`` when ``need_weights``.
+        steps. ``num_queries`` (self-attention): only the first ``num_queries`` positions query,
+        still over every key; ``attn_mask`` then has ``num_queries`` rows. Returns the output
+        (B, L or num_queries, D), or ``(output, weights)`` when ``need_weights``.
         """
         q, k, v = self._project(x, context, cache)
+        if num_queries is not None:
+            if self.cross or is_causal or cache is not None:
+                raise ValueError("num_queries is for plain self-attention (no cross/causal/cache)")
+            q = q[:, :, :num_queries]  # (B, h, num_queries, d)
         explicit = need_weights or self.recorder is not None
         fused_causal = False
         # One query (a cached decode step) may see every key: no mask needed. A plain square
@@ -435,10 +442,19 @@ class EncoderBlock(nn.Module):
         *,
         attn_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
+        num_queries: int | None = None,
     ) -> Tensor:
-        x = x + self.drop_path1(
+        """``x`` (B, L, D) → (B, L, D); with ``num_queries`` only the first ``num_queries`` tokens
+        are updated (attending to all L) and returned, (B, num_queries, D)."""
+        shortcut = x if num_queries is None else x[:, :num_queries]
+        x = shortcut + self.drop_path1(
             self.ls1(
-                self.attn(self.norm1(x), attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+                self.attn(
+                    self.norm1(x),
+                    attn_mask=attn_mask,
+                    key_padding_mask=key_padding_mask,
+                    num_queries=num_queries,
+                )
             )
         )
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -181,15 +181,17 @@ class VisionTransformer(nn.Module):
     def grid_size(self) -> tuple[int, int]:
         return self.patch_embed.grid_size
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) → tokens (B, prefix+N, D), after the final norm."""
+    def _embed(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) → tokens (B, prefix+N, D) with positions, before the blocks."""
         self.patch_embed.check_input(x)
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
-        x = self.pos_drop(x + self.pos_embed)
-        x = self.blocks(x)
-        return self.norm(x)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) → tokens (B, prefix+N, D), after the final norm."""
+        return self.norm(self.blocks(self._embed(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, prefix+N, D) → logits (B, num_classes) (or pooled features (B, D))."""
@@ -198,7 +200,18 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        """Images (B, C, H, W) → logits; equal to ``forward_head(forward_features(x))``."""
+        if self.config.pool != "cls" or self.blocks[-1].attn.recorder is not None:
+            return self.forward_head(self.forward_features(x))
+        # The head reads only the class token, and no other output of the last block reaches it:
+        # that block runs for the class token alone, still attending to every token. Same logits
+        # and gradients, minus the last block's output projection and MLP for every patch (a
+        # ~1/depth saving timm does not make). Recording attention (rollout) takes the full path.
+        *blocks, last = self.blocks
+        x = self._embed(x)
+        for block in blocks:
+            x = block(x)
+        return self.forward_head(self.norm(last(x, num_queries=1)))  # (B, 1, D) → logits
 
 
 # ----------------------------------------------------------------------------------------------
