@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vit.rollout import attention_rollout, capture_attention, gradient_rollout, rollout_to_maps
+from vit.rollout import gradient_rollout, rollout_maps, rollout_to_maps
 from vit.train import CheckpointError, get_task, load_model, make_config
 
 
@@ -91,12 +91,10 @@ def main() -> int:
     size, grid = cfg.img_size, model.grid_size
 
     def rollout(head_fusion: str, discard_ratio: float) -> Callable[[Tensor], Tensor]:
-        def fn(x: Tensor) -> Tensor:
-            with torch.no_grad(), capture_attention(model) as attentions:
-                model(x)
-            return rollout_to_maps(attention_rollout(attentions, head_fusion, discard_ratio), grid)
-
-        return fn
+        # Maps on the patch grid: the three readings below upsample or interpolate themselves.
+        return lambda x: rollout_maps(
+            model, x, head_fusion=head_fusion, discard_ratio=discard_ratio, image_size=grid
+        )
 
     methods: dict[str, Callable[[Tensor], Tensor]] = {
         "rollout, mean heads": rollout("mean", 0.0),

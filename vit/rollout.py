@@ -412,13 +412,6 @@ def _load_images(paths: list[str]) -> list[Any]:
     return images
 
 
-def _to_tensor(img: Any) -> Tensor:
-    """PIL RGB image → float (3, H, W) in [0, 1]."""
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
 def _output_paths(paths: list[str], out_dir: Any) -> list[Any]:
     from pathlib import Path
 
@@ -461,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_cli(args: Any) -> None:
     import sys
 
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
     from torchvision.utils import save_image
 
     if not 0.0 <= args.discard_ratio < 1.0:
@@ -472,8 +467,6 @@ def _run_cli(args: Any) -> None:
         raise _CliError(f"--start-layer must be in [0, {depth}) for this {depth}-block model")
     pil_images = _load_images(args.images)
 
-    from PIL import Image
-
     display, originals = [], []
     for path, img in zip(args.images, pil_images, strict=True):
         if img.size != (size, size):
@@ -482,7 +475,7 @@ def _run_cli(args: Any) -> None:
                 f"model's input size",
                 file=sys.stderr,
             )
-        display.append(_to_tensor(img.resize((size, size), Image.BILINEAR)))
+        display.append(to_tensor(img.resize((size, size), Image.BILINEAR)))
         originals.append(img)
     display_batch = torch.stack(display)  # (B, 3, size, size) in [0, 1]
     images = normalise(display_batch).to(args.device)
@@ -505,7 +498,7 @@ def _run_cli(args: Any) -> None:
     ):
         # Small images (CIFAR's 32 px) are enlarged with nearest-neighbour so the maps are visible.
         factor = max(1, -(-128 // max(img.size)))
-        shown = _to_tensor(img.resize((img.size[0] * factor, img.size[1] * factor), Image.NEAREST))
+        shown = to_tensor(img.resize((img.size[0] * factor, img.size[1] * factor), Image.NEAREST))
         maps = rollout_to_maps(
             joint[i : i + 1], grid, tuple(shown.shape[-2:]), class_token=class_token
         )
@@ -516,16 +509,9 @@ def _run_cli(args: Any) -> None:
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
+        maps = rollout_to_maps(joint, grid, size, class_token=class_token)
         with SummaryWriter(args.tensorboard) as writer:
-            log_rollout(
-                writer,
-                model,
-                images,
-                display_batch,
-                0,
-                head_fusion=args.head_fusion,
-                discard_ratio=args.discard_ratio,
-            )
+            writer.add_image("rollout/maps", rollout_grid(display_batch, maps), 0)
         print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
 
 
