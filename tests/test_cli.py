@@ -21,7 +21,7 @@ RECIPE = [
     "--img-size", "16", "--model-args", "{embed_dim: 32, depth: 2, num_heads: 2}",
     "--batch-size", "16", "--epochs", "3", "--lr", "0.002", "--rollout-every", "0",
     "--mixup", "0.8", "--cutmix", "1.0", "--randaugment-ops", "2", "--cutout", "4",
-    "--drop-path", "0.1", "--ema", "--device", "cpu", "--save-every", "5",
+    "--drop-path", "0.1", "--ema", "--device", "cpu", "--save-every", "5", "--threads", "1",
 ]  # fmt: skip
 
 

@@ -41,7 +41,16 @@ TINY = {
     "rollout_every": 0,
     "log_every": 2,
     "device": "cpu",
+    "threads": 1,
 }
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``threads`` calls torch.set_num_threads; keep that from leaking into other tests."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny(tmp_path: Path, **overrides: Any):

@@ -137,6 +137,7 @@ class RunConfig:
     compile: bool = _opt(False, "torch.compile the model")
     channels_last: bool = _opt(True, "channels-last memory format for images and conv weights")
     workers: int = _opt(0, "DataLoader worker processes (--loader cpu)")
+    threads: int = _opt(0, "CPU threads of torch (set_num_threads); 0 = torch's default")
     loader: Literal["auto", "cpu", "device"] = _opt(
         "auto",
         "cpu: DataLoader + albumentations; device: images and crop/flip/cutout on the training "
@@ -169,6 +170,7 @@ _NON_NEGATIVE = (
     "randaugment_magnitude",
     "cutout",
     "workers",
+    "threads",
     "time_limit",
     "save_every",
     "rollout_every",
@@ -877,6 +879,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.t_start = time.monotonic()
+        if cfg.threads:
+            # Small models on a CPU run several times faster on one thread than on all cores.
+            torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.rank, self.world_size, self.device = _init_distributed(cfg)
         self.is_main = self.rank == 0  # logs, checkpoints and the progress bar are rank 0's
