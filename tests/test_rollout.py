@@ -65,6 +65,16 @@ def test_rollout_matches_plain_implementation(head_fusion, discard_ratio, start_
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_mean_pooling_with_a_class_token_averages_the_patch_rows():
+    joint = attention_rollout(random_attentions(tokens=17, seed=3))
+    ours = rollout_to_maps(joint, 4, pool="mean")
+    expected = joint[:, 1:, 1:].mean(dim=1).reshape(2, 4, 4)
+    expected = (expected - expected.amin((1, 2), keepdim=True)) / (
+        expected.amax((1, 2), keepdim=True) - expected.amin((1, 2), keepdim=True)
+    )
+    torch.testing.assert_close(ours, expected)
+
+
 def test_rollout_without_class_token_may_discard_any_column():
     attentions = random_attentions(seed=1)
     ours = attention_rollout(attentions, "mean", 0.5, class_token=False)
@@ -105,6 +115,8 @@ def test_bad_arguments_are_refused():
         attention_rollout(att[0])
     with pytest.raises(ValueError, match="patch grid"):
         rollout_to_maps(attention_rollout(att), 4)
+    with pytest.raises(ValueError, match="pool"):
+        rollout_to_maps(attention_rollout(att), 3, class_token=False, pool="cls")
     with pytest.raises(ValueError, match="EncoderBlock"), capture_attention(nn.Linear(2, 2)):
         pass
 
@@ -124,12 +136,16 @@ def planted(monkeypatch, patch: int) -> None:
     monkeypatch.setattr(vit.layers, "scaled_dot_product_attention", fake)
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize(
+    "layout",
+    [dict(pool="cls"), dict(pool="mean"), dict(pool="mean", class_token=True)],
+    ids=["cls", "mean", "mean-with-class-token"],
+)
 @pytest.mark.parametrize("discard_ratio", [0.0, 0.9])
-def test_planted_attention_peaks_on_that_patch(monkeypatch, pool, discard_ratio):
+def test_planted_attention_peaks_on_that_patch(monkeypatch, layout, discard_ratio):
     patch = 6  # row 1, column 2 of the 4x4 grid: pixels y 4..7, x 8..11
     planted(monkeypatch, patch)
-    model = tiny_model(pool=pool)
+    model = tiny_model(**layout)
     images = torch.randn(2, 3, 16, 16)
     maps = rollout_maps(model, images, discard_ratio=discard_ratio, image_size=4)  # patch grid
     assert maps.flatten(1).argmax(1).tolist() == [patch, patch]

@@ -256,13 +256,19 @@ def rollout_to_maps(
     image_size: tuple[int, int] | int | None = None,
     *,
     class_token: bool = True,
+    pool: Literal["cls", "mean"] | None = None,
 ) -> Tensor:
     """Joint attention (B, L, L) → per-image maps normalised to [0, 1].
 
-    With a class token the map is its row over the patch columns; without one (mean pooling) the
-    mean over all rows, since every token contributes equally to the pooled output. Returned on the
-    patch grid (B, gh, gw), or bilinearly upsampled to ``image_size`` (B, H, W).
+    ``pool`` is how the model reads its output (default: ``"cls"`` with a class token, else
+    ``"mean"``). Class-token pooling: the map is the class token's row over the patch columns.
+    Mean pooling: the mean of the patch rows, since every patch output contributes equally to the
+    pooled vector. Returned on the patch grid (B, gh, gw), or bilinearly upsampled to
+    ``image_size`` (B, H, W).
     """
+    pool = pool or ("cls" if class_token else "mean")
+    if pool not in ("cls", "mean") or (pool == "cls" and not class_token):
+        raise ValueError(f"pool must be 'mean', or 'cls' with a class token; got {pool!r}")
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     prefix = 1 if class_token else 0
     if joint.ndim != 3 or joint.shape[1] != joint.shape[2] or joint.shape[2] != prefix + gh * gw:
@@ -271,7 +277,7 @@ def rollout_to_maps(
             f"{'with' if class_token else 'without'} a class token (expected (B, {prefix + gh * gw}"
             f", {prefix + gh * gw})); pass the model's grid_size and class_token"
         )
-    weights = joint[:, 0, prefix:] if class_token else joint.mean(dim=1)  # (B, N)
+    weights = joint[:, 0, prefix:] if pool == "cls" else joint[:, prefix:, prefix:].mean(dim=1)
     maps = rearrange(weights, "b (gh gw) -> b gh gw", gh=gh, gw=gw)
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -279,12 +285,15 @@ def rollout_to_maps(
     return _normalise(maps)
 
 
-def _model_geometry(model: nn.Module) -> tuple[tuple[int, int], bool]:
+def _model_geometry(model: nn.Module) -> tuple[tuple[int, int], dict[str, Any]]:
+    """The patch grid, and the keywords telling :func:`rollout_to_maps` how the model pools."""
     inner = unwrap_model(model)
     patch_embed = getattr(inner, "patch_embed", None)
     if patch_embed is None:
         raise ValueError(f"{type(inner).__name__} has no patch_embed; pass a VisionTransformer")
-    return tuple(patch_embed.grid_size), getattr(inner, "num_prefix_tokens", 1) > 0
+    class_token = getattr(inner, "num_prefix_tokens", 1) > 0
+    pool = getattr(getattr(inner, "config", None), "pool", None)
+    return tuple(patch_embed.grid_size), {"class_token": class_token, "pool": pool}
 
 
 def rollout_maps(
@@ -301,15 +310,13 @@ def rollout_maps(
     Runs one forward pass without gradients (in the model's current mode) and upsamples the maps
     to ``image_size`` (default: the input's size).
     """
-    grid, class_token = _model_geometry(model)
+    grid, layout = _model_geometry(model)
     with torch.no_grad(), capture_attention(model) as attentions:
         unwrap_model(model)(images)
     joint = attention_rollout(
-        attentions, head_fusion, discard_ratio, start_layer, class_token=class_token
+        attentions, head_fusion, discard_ratio, start_layer, class_token=layout["class_token"]
     )
-    return rollout_to_maps(
-        joint, grid, image_size or tuple(images.shape[-2:]), class_token=class_token
-    )
+    return rollout_to_maps(joint, grid, image_size or tuple(images.shape[-2:]), **layout)
 
 
 def colorize(maps: Tensor) -> Tensor:
@@ -360,7 +367,7 @@ def log_rollout(
     model's mode.
     """
     inner = unwrap_model(model)
-    grid, class_token = _model_geometry(inner)
+    grid, layout = _model_geometry(inner)
     size = tuple(display.shape[-2:])
     was_training = inner.training
     inner.eval()
@@ -370,17 +377,17 @@ def log_rollout(
     finally:
         inner.train(was_training)
     attentions = [a.float().cpu() for a in attentions]
-    joint = attention_rollout(attentions, head_fusion, discard_ratio, class_token=class_token)
-    maps = rollout_to_maps(joint, grid, size, class_token=class_token)
+    joint = attention_rollout(
+        attentions, head_fusion, discard_ratio, class_token=layout["class_token"]
+    )
+    maps = rollout_to_maps(joint, grid, size, **layout)
     display = display.float().cpu()
     writer.add_image("rollout/maps", rollout_grid(display, maps), step)
     if per_layer:
         from torchvision.utils import make_grid
 
         # Raw per-block attention (no rollout): a block's own head-mean weights as the "joint".
-        layers = [
-            rollout_to_maps(a.mean(dim=1), grid, size, class_token=class_token) for a in attentions
-        ]
+        layers = [rollout_to_maps(a.mean(dim=1), grid, size, **layout) for a in attentions]
         heat = colorize(rearrange(torch.stack(layers, dim=1), "b l h w -> (b l) h w"))
         writer.add_image(
             "rollout/per_layer", make_grid(heat, nrow=len(layers), padding=2, pad_value=1.0), step
@@ -480,7 +487,7 @@ def _run_cli(args: Any) -> None:
     display_batch = torch.stack(display)  # (B, 3, size, size) in [0, 1]
     images = normalise(display_batch).to(args.device)
 
-    grid, class_token = _model_geometry(model)
+    grid, layout = _model_geometry(model)
     with torch.no_grad(), capture_attention(model) as attentions:
         probs = model(images).softmax(dim=-1)
     joint = attention_rollout(
@@ -488,7 +495,7 @@ def _run_cli(args: Any) -> None:
         args.head_fusion,
         args.discard_ratio,
         args.start_layer,
-        class_token=class_token,
+        class_token=layout["class_token"],
     )
     from pathlib import Path
 
@@ -499,9 +506,7 @@ def _run_cli(args: Any) -> None:
         # Small images (CIFAR's 32 px) are enlarged with nearest-neighbour so the maps are visible.
         factor = max(1, -(-128 // max(img.size)))
         shown = to_tensor(img.resize((img.size[0] * factor, img.size[1] * factor), Image.NEAREST))
-        maps = rollout_to_maps(
-            joint[i : i + 1], grid, tuple(shown.shape[-2:]), class_token=class_token
-        )
+        maps = rollout_to_maps(joint[i : i + 1], grid, tuple(shown.shape[-2:]), **layout)
         save_image(rollout_grid(shown[None], maps), out)
         conf, cls = probs[i].max(dim=0)
         name = classes[cls.item()] if cls.item() < len(classes) else str(cls.item())
@@ -509,7 +514,7 @@ def _run_cli(args: Any) -> None:
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        maps = rollout_to_maps(joint, grid, size, class_token=class_token)
+        maps = rollout_to_maps(joint, grid, size, **layout)
         with SummaryWriter(args.tensorboard) as writer:
             writer.add_image("rollout/maps", rollout_grid(display_batch, maps), 0)
         print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
