@@ -184,7 +184,7 @@ def test_fp16_grad_scaler_skips_steps_with_inf_gradients(tmp_path: Path) -> None
     hook = t.model.head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
     stats = t.train_step(batch)
     hook.remove()
-    assert stats["skipped"] == 1.0 and t.skipped_steps == 1
+    assert stats["skipped"] == 1.0 and t.progress.skipped_steps == 1
     assert t.scaler.get_scale() == scale / 2
     assert all(torch.equal(weights[n], p) for n, p in t.model.named_parameters())
     assert all(torch.equal(ema[n], p) for n, p in t.ema.module.named_parameters())
@@ -303,7 +303,10 @@ def test_run_directory_and_checkpoint_contents(tmp_path: Path) -> None:
 def test_resume_refusals(tmp_path: Path, capsys) -> None:
     base = {**TINY, "out_dir": str(tmp_path / "run")}
     assert main(flags(base)) == 0
-    capsys.readouterr()
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*flags(base), "--resume", "auto"]) == 0  # finished: nothing left to do
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["top1"] == done["top1"] and again["steps"] == done["steps"]
     assert main(flags(base)) == 2
     assert "already holds a run" in capsys.readouterr().err
     wider = {**base, "model_args": {"embed_dim": 64, "depth": 2, "num_heads": 2}}

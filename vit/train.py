@@ -872,6 +872,7 @@ class _Progress:
     warmup_steps: int = 0
     best: float = -math.inf
     best_step: int = -1
+    skipped_steps: int = 0  # fp16: steps the GradScaler skipped (inf/NaN gradients)
 
 
 class Trainer:
@@ -938,6 +939,7 @@ class Trainer:
         warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), total)
         self.progress = _Progress(total_steps=total, warmup_steps=warmup)
         self.resumed_from = resume
+        self.last_metrics: dict[str, Any] = {}  # a checkpoint restores them
         if ckpt is not None:
             self._restore(ckpt, resume)
         self.collate = self.task.collate_fn()
@@ -947,8 +949,6 @@ class Trainer:
         self._signal: int | None = None
         self._stop = False  # under DDP: some rank was signalled (agreed at each step)
         self._data_clock = _WaitClock()
-        self.skipped_steps = 0
-        self.last_metrics: dict[str, Any] = {}
 
     def _use_device_loader(self) -> bool:
         """Resolve ``--loader``: the device loader needs in-memory images and a policy it can run
@@ -1099,7 +1099,7 @@ class Trainer:
         self.scaler.step(self.optimizer)  # fp16: skipped when the gradients hold inf/NaN
         self.scaler.update()
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
-        self.skipped_steps += skipped
+        p.skipped_steps += skipped
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and not skipped:
             self.ema.update(self.model, step=p.step)
@@ -1336,7 +1336,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         **metrics,
         f"best_{trainer.task.primary_metric}": p.best,
         "steps": p.step,
-        "skipped_steps": trainer.skipped_steps,
+        "skipped_steps": p.skipped_steps,
         "seconds": round(time.monotonic() - trainer.t_start, 1),
         "out_dir": str(trainer.out),
     }
