@@ -401,3 +401,67 @@ def test_rollout_hook_contract(tmp_path: Path, monkeypatch) -> None:
     assert kw == {"head_fusion": "max", "discard_ratio": 0.0, "per_layer": True}
     record = json.loads((Path(t.cfg.out_dir) / "rollout_images.json").read_text())
     assert len(record["indices"]) == 5 and torch.equal(calls[1][3], display)
+
+
+def _png_folder(root: Path, n: int, classes=("a", "b")) -> None:
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 20, 0 if c == "a" else 200, 0)).save(
+                root / c / f"{i}.png"
+            )
+
+
+def test_imagefolder_validation_split_rules(tmp_path: Path) -> None:
+    from vit.data import DataError
+    from vit.train import ClassificationTask
+
+    root = tmp_path / "imgs"
+    _png_folder(root / "train", 10)
+    cfg = tiny(
+        tmp_path,
+        data="imagefolder",
+        data_dir=str(root),
+        img_size=8,
+        val_fraction=0.2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    fresh_val = ClassificationTask(cfg).build_dataset("val")  # as vit.evaluate builds it
+    task = ClassificationTask(cfg)
+    train, val = task.build_dataset("train"), task.build_dataset("val")
+    assert (len(train), len(val)) == (16, 4) and torch.equal(fresh_val.images, val.images)
+    pixels = {tuple(im.flatten()[:3].tolist()) for im in train.images}
+    assert not pixels & {tuple(im.flatten()[:3].tolist()) for im in val.images}
+    with pytest.raises(DataError, match="no test split"):
+        task.build_dataset("test")
+    _png_folder(root / "test", 3)  # a held-out folder becomes the validation set
+    task = ClassificationTask(cfg)
+    assert len(task.build_dataset("train")) == 20 and len(task.build_dataset("val")) == 6
+    _png_folder(root / "val", 2, classes=("a", "c"))
+    with pytest.raises(DataError, match="same class folders"):
+        ClassificationTask(cfg).build_dataset("val")
+
+
+def test_compiled_state_dict_names_load(tmp_path: Path) -> None:
+    """Checkpoints hold plain names; ones saved from a compiled module (``_orig_mod.``) load too."""
+    from vit.train import load_model, save_checkpoint
+
+    cfg = tiny(tmp_path)
+    Trainer(cfg).fit()
+    ckpt = load_checkpoint(Path(cfg.out_dir) / "last.pt")
+    plain = ckpt["model"]
+    ckpt["model"] = {f"_orig_mod.{k}": v for k, v in plain.items()}
+    ckpt["ema"] = None
+    save_checkpoint(ckpt, tmp_path / "compiled.pt")
+    model, _ = load_model(tmp_path / "compiled.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
+
+
+@pytest.mark.slow
+def test_compile_trains_and_saves_plain_names(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, compile=True)
+    metrics = Trainer(cfg).fit()
+    ckpt = load_checkpoint(Path(cfg.out_dir) / "last.pt")
+    assert math.isfinite(metrics["loss"]) and not any("_orig_mod" in k for k in ckpt["model"])

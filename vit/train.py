@@ -534,8 +534,9 @@ class ClassificationTask(Task):
             return x, y, classes, None
         # No val/ or test/: carve a deterministic stratified validation split out of train.
         train_idx, val_idx = data.split_indices(y, self.cfg.val_fraction)
+        self._loaded["train"] = (x[train_idx], y[train_idx], classes, None)
         self._loaded["val"] = (x[val_idx], y[val_idx], classes, None)
-        return x[train_idx], y[train_idx], classes, None
+        return self._loaded[which]
 
     def build_dataset(self, split: Literal["train", "val", "test"]) -> Dataset:
         from vit import data
