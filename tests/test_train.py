@@ -465,3 +465,16 @@ def test_compile_trains_and_saves_plain_names(tmp_path: Path) -> None:
     metrics = Trainer(cfg).fit()
     ckpt = load_checkpoint(Path(cfg.out_dir) / "last.pt")
     assert math.isfinite(metrics["loss"]) and not any("_orig_mod" in k for k in ckpt["model"])
+
+
+def test_mixup_keeps_label_smoothing_and_is_seeded_by_step(tmp_path: Path) -> None:
+    t = Trainer(tiny(tmp_path, mixup=0.8, cutmix=1.0, label_smoothing=0.2))
+    mixup = t.task._mixup
+    assert mixup.label_smoothing == 0.2 and mixup.num_classes == 10
+    batch = t.task.prepare_batch(next(iter(t.train_loader)), t.device)
+    t.model.eval()  # no dropout: the loss depends only on the mixing
+    torch.nn.init.normal_(t.model.head.weight, std=0.5)  # a zero head predicts uniformly
+    x, y = batch
+    with torch.no_grad():  # timm's Mixup mixes in place: a fresh copy of the batch per call
+        losses = [t.task.loss(t.model, (x.clone(), y), step).item() for step in (3, 3, 4)]
+    assert losses[0] == losses[1] != losses[2]
