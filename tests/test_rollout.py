@@ -357,9 +357,14 @@ def test_cli_writes_overlays_and_event_file(run_dir, tmp_path, capsys):
     assert _image_events(tb) == {"rollout/maps": [0]}
 
 
-@pytest.mark.parametrize("case", ["not_an_image", "no_model", "not_a_checkpoint", "bad_ratio"])
+@pytest.mark.parametrize(
+    "case", ["not_an_image", "no_model", "not_a_checkpoint", "bad_ratio", "cuda_without_gpu"]
+)
 def test_cli_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, case):
     from vit.rollout import main
+
+    if case == "cuda_without_gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
 
     image = _png(tmp_path / "a.png", 16, 16)
     ckpt = str(run_dir / "last.pt")
@@ -374,8 +379,10 @@ def test_cli_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, case):
         ckpt, expected = str(tmp_path / "empty.pt"), "holds no model"
     elif case == "not_a_checkpoint":
         ckpt, expected = image, "a.png"
-    else:
+    elif case == "bad_ratio":
         extra, expected = ["--discard-ratio", "1.5"], "--discard-ratio must be in [0, 1)"
+    else:
+        extra, expected = ["--device", "cuda"], "no CUDA device is available"
     code = main(["--checkpoint", ckpt, "--images", image, "--out-dir", str(tmp_path), *extra])
     err = capsys.readouterr().err
     assert code == 2

@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-fusion", choices=_FUSIONS, default="mean")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1)")
     parser.add_argument("--start-layer", type=int, default=0, help="first block of the rollout")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
     try:
         _run_cli(args)
@@ -467,7 +467,13 @@ def _run_cli(args: Any) -> None:
 
     if not 0.0 <= args.discard_ratio < 1.0:
         raise _CliError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
-    model, normalise, classes = _load_model(args.checkpoint, args.device)
+    from vit.train import ConfigError, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as exc:
+        raise _CliError(str(exc)) from None
+    model, normalise, classes = _load_model(args.checkpoint, device)
     size = model.patch_embed.img_size
     depth = len(_encoder_attentions(model))
     if not 0 <= args.start_layer < depth:
@@ -485,7 +491,7 @@ def _run_cli(args: Any) -> None:
         display.append(to_tensor(img.resize((size, size), Image.BILINEAR)))
         originals.append(img)
     display_batch = torch.stack(display)  # (B, 3, size, size) in [0, 1]
-    images = normalise(display_batch).to(args.device)
+    images = normalise(display_batch).to(device)
 
     grid, layout = _model_geometry(model)
     with torch.no_grad(), capture_attention(model) as attentions:
@@ -520,7 +526,7 @@ def _run_cli(args: Any) -> None:
         print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
 
 
-def _load_model(path: str, device: str) -> tuple[nn.Module, Any, list[str]]:
+def _load_model(path: str, device: torch.device) -> tuple[nn.Module, Any, list[str]]:
     """The checkpoint's model (EMA weights when present) in eval mode, its input normalisation
     and its class names, through the training engine's own loader."""
     from vit.train import CheckpointError, load_model
