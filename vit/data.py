@@ -30,8 +30,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
     "SYNTHETIC_CLASSES",
     "DataError",
     "DeviceLoader",
@@ -47,8 +45,6 @@ __all__ = [
     "uniform_ints",
 ]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 

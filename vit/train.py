@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -444,6 +445,7 @@ class ClassificationTask(Task):
         self._loaded: dict[str, Any] = {}
         self._val: Dataset | None = None
         self._rollout: Tensor | None = None
+        self._norm: tuple[Tensor, Tensor] | None = None  # (mean, std) as (1, 3, 1, 1) tensors
         self._mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             from timm.data import Mixup
@@ -593,8 +595,10 @@ class ClassificationTask(Task):
     def prepare_batch(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
         x, y = batch
         x = x.to(device, non_blocking=True).float().div_(255)  # uint8 (B,3,H,W) → [0, 1]
-        mean = torch.tensor(self.state["mean"], device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.state["std"], device=device).view(1, 3, 1, 1)
+        if self._norm is None or self._norm[0].device != x.device:  # made once, not every step
+            stats = torch.tensor([self.state["mean"], self.state["std"]], device=x.device)
+            self._norm = tuple(rearrange(stats, "two c -> two 1 c 1 1"))
+        mean, std = self._norm
         x = (x - mean) / std
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
