@@ -14,6 +14,7 @@ from vit.captions import (
     CaptionDataset,
     Tokenizer,
     bleu_scores,
+    cider_d,
     cross_attention_maps,
     load_caption_data,
     load_flickr8k,
@@ -519,7 +520,7 @@ def test_caption_training_through_the_engine_resumes_exactly(tmp_path, monkeypat
 
     assert train_main(_caption_flags(tmp_path / "a")) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"bleu1", "bleu4", "loss", "n"} <= set(result) and result["n"] == 16
+    assert {"bleu1", "bleu4", "cider", "loss", "n"} <= set(result) and result["n"] == 16
     run = tmp_path / "a"
     assert {"best.pt", "last.pt", "vocab.json", "config.yaml", "metrics.jsonl"} <= {
         p.name for p in run.iterdir()
@@ -596,6 +597,21 @@ def test_caption_task_refuses_bad_config(tmp_path, capsys) -> None:
         assert train_main(_caption_flags(tmp_path / "bad", **over)) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_cider_d_matches_the_coco_evaluation_code() -> None:
+    hyps = ["a red circle on the left", "two blue squares", "a cat"]
+    refs = [
+        ["a red circle to the left", "a red disk on the left"],
+        ["two blue squares side by side"],
+        ["a dog", "a small dog on grass"],
+    ]
+    # The value pycocoevalcap 1.2's CiderScorer (COCO's CIDEr-D) gives for this corpus.
+    assert cider_d(hyps, refs) == pytest.approx(2.7544753847062284, rel=1e-12)
+    # Every caption has a 4-gram (else its n = 4 term is 0, as in the reference code).
+    distinct = [["a red circle on the left"], ["two blue squares in a row"], ["a cat on a mat"]]
+    assert cider_d([r[0] for r in distinct], distinct) == pytest.approx(10.0)
+    assert cider_d(["zebra", "zebra", "zebra"], distinct) == 0.0
 
 
 def test_coco_captions_through_torchvision(tmp_path, caplog) -> None:

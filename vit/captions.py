@@ -12,7 +12,8 @@ Datasets (``load_caption_data(name, ...)``):
   ``torchvision.datasets.CocoCaptions`` (needs ``pycocotools``).
 
 BLEU-1..4 are corpus BLEU (Papineni et al. 2002) from sacrebleu, with every reference caption of
-an image, on the tokenizer's normalised text (lower case, punctuation split off).
+an image, on the tokenizer's normalised text (lower case, punctuation split off); CIDEr-D
+(Vedantam et al. 2015) is computed as the COCO caption evaluation code does, without Java.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import csv
 import difflib
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -46,6 +48,7 @@ __all__ = [
     "Tokenizer",
     "attention_strip",
     "bleu_scores",
+    "cider_d",
     "cross_attention_maps",
     "load_caption_data",
     "make_shapes",
@@ -618,6 +621,56 @@ def bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     return out
 
 
+def cider_d(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0
+) -> float:
+    """Corpus CIDEr-D (Vedantam et al. 2015), computed as the COCO caption evaluation code does,
+    in pure Python (no Java): per n = 1..4, the cosine similarity of TF-IDF n-gram vectors (IDF
+    over the images' reference sets), each hypothesis weight clipped at the reference's, times a
+    Gaussian penalty on the length difference (``sigma``, lengths counted in bigrams); averaged
+    over n and references, times 10, then over images. Texts are normalised by
+    :meth:`Tokenizer.split`."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(
+            f"{len(hypotheses)} hypotheses but {len(references)} reference lists: one per image"
+        )
+
+    def ngrams(text: str) -> Counter:
+        words = Tokenizer.split(text)
+        return Counter(
+            tuple(words[i : i + n]) for n in range(1, 5) for i in range(len(words) - n + 1)
+        )
+
+    refs = [[ngrams(r) for r in rs] for rs in references]
+    df = Counter(g for rs in refs for g in set().union(*rs))
+    log_n = math.log(len(refs))
+
+    def tfidf(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(4)]
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, df[g])))
+        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+        bigrams = sum(tf for g, tf in counts.items() if len(g) == 2)
+        return vec, norms, bigrams
+
+    total = 0.0
+    for hyp, rs in zip(hypotheses, refs, strict=True):
+        h_vec, h_norm, h_len = tfidf(ngrams(hyp))
+        score = 0.0
+        for ref in rs:
+            r_vec, r_norm, r_len = tfidf(ref)
+            penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma**2))
+            for n in range(4):
+                dot = sum(
+                    min(w, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, w in h_vec[n].items()
+                )
+                if h_norm[n] and r_norm[n]:
+                    dot /= h_norm[n] * r_norm[n]
+                score += dot * penalty
+        total += 10.0 * score / 4 / len(rs)
+    return total / len(hypotheses)
+
+
 @torch.no_grad()
 def cross_attention_maps(model, images: Tensor, tokens: Tensor, layer: int = -1) -> Tensor:
     """Word → patch attention: the ``layer``-th decoder block's cross-attention weights (head
@@ -657,7 +710,7 @@ CAPTION_TASK_ARGS: dict[str, tuple[Any, str]] = {
 
 class CaptionTask(Task):
     """Image captioning: teacher-forced cross-entropy on the next word; validation generates
-    captions and scores corpus BLEU-1..4 (BLEU-4 selects ``best.pt``).
+    captions and scores corpus BLEU-1..4 and CIDEr-D (BLEU-4 selects ``best.pt``).
 
     ``--model`` is a caption variant (``caption_*``) or any ViT variant, used as the encoder of a
     default decoder. The vocabulary is built from the training captions and kept in the
@@ -840,7 +893,12 @@ class CaptionTask(Task):
             n_tokens += count
             hyps += self.caption(model, x)
             refs += [dataset.references[i] for i in index.tolist()]
-        return {**bleu_scores(hyps, refs), "loss": total_loss / n_tokens, "n": len(hyps)}
+        return {
+            **bleu_scores(hyps, refs),
+            "cider": cider_d(hyps, refs),
+            "loss": total_loss / n_tokens,
+            "n": len(hyps),
+        }
 
     # -- TensorBoard ----------------------------------------------------------------------------
     def on_epoch_end(self, writer: Any, model: nn.Module, step: int, epoch: int) -> None:
