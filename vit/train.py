@@ -550,6 +550,8 @@ class ClassificationTask(Task):
                 f"has {classes}; evaluate on data with the same classes"
             )
         if split == "train" and "mean" not in self.state:
+            # Inputs are normalised with the training set's own channel statistics, kept in the
+            # task state so evaluation and rollout feed the model what it was trained on.
             pixels = x.reshape(-1, 3)[:: max(1, x.numel() // 3 // 2_000_000)].float() / 255
             self.state.update(
                 classes=classes,
