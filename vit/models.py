@@ -438,38 +438,17 @@ class CaptioningTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
-    def load_encoder(self, source: str | Any) -> None:
-        """Initialise the encoder from a classification checkpoint (a path or a loaded object).
+    def load_encoder(self, source: str | os.PathLike[str] | dict[str, Tensor]) -> None:
+        """Initialise the encoder from a classification checkpoint: a path, a state dict or a
+        training checkpoint holding one under ``"model"``, ours or timm's.
 
-        Accepts a plain state dict or a dict holding it under ``"model"`` (the training engine's
-        checkpoint format); ``_orig_mod.`` (torch.compile) and ``module.`` (DDP) prefixes are
-        stripped and the classifier head is dropped. Anything else must match exactly.
+        :func:`vit.timm_interop.load_pretrained` does the loading (key names, position-embedding
+        resampling, the classifier head dropped); anything else that does not fit is a
+        ``ValueError`` naming the keys.
         """
-        if isinstance(source, (str, os.PathLike)):
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        else:
-            state = source
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        if not isinstance(state, dict):
-            raise TypeError(
-                f"expected a state dict (or a checkpoint with a 'model' state dict), got "
-                f"{type(state).__name__}"
-            )
-        clean = {}
-        for key, value in state.items():
-            for prefix in ("_orig_mod.", "module."):
-                key = key.removeprefix(prefix)
-            if not key.startswith("head."):  # the classifier is replaced by the decoder
-                clean[key] = value
-        result = self.encoder.load_state_dict(clean, strict=False)
-        missing = result.missing_keys
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"the checkpoint does not fit encoder {self.config.encoder!r} "
-                f"(missing: {missing[:5]}, unexpected: {result.unexpected_keys[:5]}); build the "
-                f"captioner with the same encoder variant and encoder_kwargs as the classifier"
-            )
+        from vit.timm_interop import load_pretrained
+
+        load_pretrained(self.encoder, source)
 
     # -- stages ---------------------------------------------------------------------------------
     def forward_memory(self, images: Tensor) -> Tensor:
