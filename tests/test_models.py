@@ -35,7 +35,10 @@ def test_required_variants_and_sizes() -> None:
         "vit_small_patch4_32",
         "vit_tiny_patch4_32",
     ]
-    cfg = create_model("vit_small_patch4_32").config
+    with torch.device("meta"):  # no memory or initialisation cost for the full-size models
+        small = create_model("vit_small_patch4_32")
+        tiny_224 = create_model("vit_tiny_patch16_224")
+    cfg = small.config
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.img_size, cfg.patch_size) == (
         384,
         12,
@@ -43,7 +46,8 @@ def test_required_variants_and_sizes() -> None:
         32,
         4,
     )
-    assert create_model("vit_tiny_patch16_224").config.num_classes == 1000
+    assert tiny_224.config.num_classes == 1000 and tiny_224.patch_embed.num_patches == 196
+    assert sum(p.numel() for p in small.parameters()) == 21_342_346  # the README's 21.34 M
     with pytest.raises(ValueError, match="already registered"):
         register_variant("vit_tiny_patch4_32")(lambda **kw: nn.Identity())
 

@@ -135,7 +135,8 @@ class VisionTransformer(nn.Module):
             prefix = torch.zeros(self.num_prefix_tokens, d)
             self.register_buffer("pos_embed", torch.cat([prefix, fixed])[None], persistent=False)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # On CPU explicitly, so that models can be built under `with torch.device("meta")`.
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
             *[
                 EncoderBlock(
