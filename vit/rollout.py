@@ -209,6 +209,11 @@ def gradient_rollout(
     Runs in eval mode (restored afterwards) and leaves the parameters' ``.grad`` untouched.
     """
     inner = unwrap_model(model)
+    depth = len(_encoder_attentions(inner))
+    if not 0 <= start_layer < depth:
+        raise ValueError(
+            f"start_layer must be in [0, {depth}) for {depth} blocks, got {start_layer!r}"
+        )
     was_training = inner.training
     inner.eval()
     try:
@@ -226,8 +231,6 @@ def gradient_rollout(
         grads = torch.autograd.grad(score, attentions)
     finally:
         inner.train(was_training)
-    if not 0 <= start_layer < len(attentions):
-        raise ValueError(f"start_layer must be in [0, {len(attentions)}), got {start_layer!r}")
     n = attentions[0].shape[-1]
     relevance = torch.eye(n, device=images.device).expand(images.shape[0], n, n)
     for a, g in list(zip(attentions, grads, strict=True))[start_layer:]:
@@ -362,9 +365,8 @@ def log_rollout(
     ``images``: the normalised batch on the model's device; ``display``: the same images as float
     RGB in [0, 1], (B, 3, H, W) on the CPU. Writes ``rollout/maps`` (a row per image: image |
     heatmap | overlay) at ``step``, and with ``per_layer`` ``rollout/per_layer`` (a row per image,
-    a column per block: the head-mean attention of the class token, or of all tokens for
-    mean-pooled models). Runs one forward pass in eval mode without gradients, then restores the
-    model's mode.
+    a column per block: that block's head-mean attention, read as the rollout maps are). Runs
+    one forward pass in eval mode without gradients, then restores the model's mode.
     """
     inner = unwrap_model(model)
     grid, layout = _model_geometry(inner)
