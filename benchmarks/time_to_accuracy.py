@@ -43,7 +43,8 @@ from vit.train import (
     make_config,
 )
 
-# The timm reference; data, device, loader and the budget come from the config file.
+# The timm reference; data, device, loader, logging and the budget come from the config
+# file (DATA_KEYS), everything else from here.
 BASELINE_TIMM = {
     "model": "timm:vit_tiny_patch16_224",
     "model_args": {"embed_dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0, "patch_size": 4},
@@ -78,6 +79,7 @@ DATA_KEYS = (
     "channels_last",
     "epochs",
     "seed",
+    "log_every",
 )
 
 
