@@ -185,6 +185,10 @@ def test_device_loader_refuses_what_it_cannot_do() -> None:
     with pytest.raises(TypeError, match="in-memory ImageDataset"):
         DeviceLoader(torch.utils.data.TensorDataset(torch.zeros(2)), 2, device="cpu",
                      shuffle=False, drop_last=False)  # fmt: skip
+    with pytest.raises(ValueError, match="needs crop_xy"):
+        augment_batch(_dataset(2).images, crop_padding=2)
+    with pytest.raises(ValueError, match="needs cutout_xy"):
+        augment_batch(_dataset(2).images, cutout=2)
     with pytest.raises(ValueError, match="cutout 20 exceeds the image size 16"):
         DeviceLoader(_dataset(4), 2, device="cpu", shuffle=True, drop_last=True, cutout=20)
 

@@ -546,7 +546,8 @@ def augment_batch(
     rows = torch.arange(h, device=dev).expand(b, h)  # (B, H) source row of each output row
     cols = torch.arange(w, device=dev).expand(b, w)  # (B, W)
     if crop_padding > 0:
-        assert crop_xy is not None
+        if crop_xy is None:
+            raise ValueError("crop_padding > 0 needs crop_xy, the (B, 2) crop offsets")
         rows = rows + (crop_xy[:, 1:] - crop_padding)
         cols = cols + (crop_xy[:, :1] - crop_padding)
     if flip is not None:
@@ -554,7 +555,8 @@ def augment_batch(
     # Padding is never materialised: out-of-image sources are clamped, then zeroed by the mask.
     keep = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
     if cutout > 0:
-        assert cutout_xy is not None
+        if cutout_xy is None:
+            raise ValueError("cutout > 0 needs cutout_xy, the (B, 2) corners of the squares")
         ry = torch.arange(h, device=dev) - cutout_xy[:, 1:]  # (B, H)
         rx = torch.arange(w, device=dev) - cutout_xy[:, :1]  # (B, W)
         hole = ((ry >= 0) & (ry < cutout))[:, :, None] & ((rx >= 0) & (rx < cutout))[:, None, :]
