@@ -3,6 +3,7 @@
     python benchmarks/time_to_accuracy.py --config configs/cifar10_cpu_30min.yaml
     python benchmarks/time_to_accuracy.py --config configs/cifar10_cpu_30min.yaml --baseline-timm
     python benchmarks/time_to_accuracy.py --config configs/cifar10_gpu_10min.yaml --time-limit 10
+    torchrun --standalone --nproc_per_node 2 benchmarks/time_to_accuracy.py --config ...  # DDP
 
 Any further ``--key value`` options go to the engine (``python train.py --help``) and win over
 the config file. The run goes through vit.train's engine, ``--time-limit`` sizing warmup + cosine to
@@ -36,6 +37,8 @@ from vit.data import DataError
 from vit.train import (
     CheckpointError,
     ConfigError,
+    Diverged,
+    Interrupted,
     RunConfig,
     Trainer,
     build_parser,
@@ -88,7 +91,8 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpus}-core CPU ({platform.machine()}), no GPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpus}-core CPU ({platform.machine()}), no GPU, {threads} thread(s) per process"
 
 
 def _sync(device: torch.device) -> None:
@@ -127,6 +131,16 @@ def _config(args: argparse.Namespace, rest: list[str]) -> RunConfig:
     return make_config({**values, **given})
 
 
+def _leave_process_group(*, agreed: bool) -> None:
+    """Under torchrun: wait for the other ranks (rank 0 reports first), then leave the group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if agreed:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -139,13 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     try:
         cfg = _config(args, rest)
-        if Path(cfg.out_dir, "last.pt").exists() and cfg.resume == "":
-            raise ConfigError(f"{cfg.out_dir} already holds a run; pass another --out-dir")
         trainer = Trainer(cfg)
         final = trainer.fit()
     except (ConfigError, DataError, CheckpointError) as e:
+        _leave_process_group(agreed=False)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (Diverged, Interrupted) as e:
+        _leave_process_group(agreed=True)
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Interrupted) else 1
+    try:
+        return report(args, cfg, trainer, final) if trainer.is_main else 0
+    finally:
+        _leave_process_group(agreed=True)
+
+
+def report(args: argparse.Namespace, cfg: RunConfig, trainer: Trainer, final: dict) -> int:
+    """Print the curve and the summary of a finished run (rank 0 under torchrun)."""
     seconds = time.monotonic() - trainer.t_start
     lines = Path(cfg.out_dir, "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
@@ -170,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nmodel {name} {cfg.model_args}, {n_params / 1e6:.2f}M parameters, amp {cfg.amp}, "
         f"loader {'device' if trainer.device_loader else 'cpu'}\n"
-        f"machine {machine()}\n"
+        f"machine {machine()}, {trainer.world_size} process(es)\n"
         f"budget {cfg.time_limit:g} min, wall {seconds / 60:.1f} min, "
         f"{trainer.progress.step} steps ({trainer.progress.step / trainer.steps_per_epoch:.1f} "
         f"epochs), {ips:.0f} images/s\n"
@@ -185,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_min": cfg.time_limit,
         "wall_min": round(seconds / 60, 2),
         "machine": machine(),
+        "processes": trainer.world_size,
         "epochs": round(trainer.progress.step / trainer.steps_per_epoch, 2),
         "images_per_s": round(ips, 1),
         "data_wait": round(wait, 4),
