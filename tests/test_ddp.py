@@ -106,3 +106,37 @@ def test_batch_size_must_divide_among_ranks(tmp_path: Path, monkeypatch, capsys)
     assert main(_argv(tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "batch_size 32 is the global batch" in err and "multiple of 3" in err
+
+
+@pytest.mark.slow  # three torchrun launches, ~45 s
+def test_ddp_sigterm_and_resume_is_exact(tmp_path: Path) -> None:
+    """SIGTERM to torchrun mid-run: the ranks agree on a step, rank 0 saves; resuming (drop path
+    on, so each rank's own RNG stream matters) ends with the uninterrupted run's weights."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    extra = {"epochs": 6, "drop_path": 0.1, "synthetic_train": 256}
+
+    def launch(out: Path, *more: str) -> subprocess.Popen:
+        argv = [*cmd, str(ROOT / "train.py"), *_argv(out, **extra), *more]
+        return subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
+
+    assert launch(tmp_path / "a").wait(timeout=240) == 0
+    killed = launch(tmp_path / "b")
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"val"' in metrics.read_text()):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGTERM)
+    killed.wait(timeout=120)
+    stopped = load_checkpoint(tmp_path / "b" / "last.pt")["progress"]["step"]
+    assert 0 < stopped < 48
+    assert launch(tmp_path / "b", "--resume", "auto").wait(timeout=240) == 0
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a["progress"] == b["progress"]
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, atol=1e-6, rtol=0, msg=name)
