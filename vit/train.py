@@ -30,6 +30,7 @@ import time
 import types
 import typing
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -724,6 +725,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (torch.save writes a "
+            f"zip archive); pass a last.pt or best.pt written by train.py"
+        )
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it did not write; the refusal below is the answer
