@@ -25,7 +25,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     )
     client = NotebookClient(
         notebook,
-        timeout=120,
+        timeout=600,  # per cell; generous for a loaded CI machine
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
     )
