@@ -509,9 +509,8 @@ def _caption_flags(out_dir, **over) -> list[str]:
     return [f for f in flags if f != "True"]  # --hflip is a switch
 
 
-def test_caption_training_through_the_engine_resumes_exactly(tmp_path, monkeypatch, capsys):
+def test_caption_training_through_the_engine_resumes_exactly(tmp_path, sigterm_at_step, capsys):
     import json
-    import os
     import signal
 
     from vit.captions import CaptionTask
@@ -538,17 +537,10 @@ def test_caption_training_through_the_engine_resumes_exactly(tmp_path, monkeypat
     assert {"captions/attention_0", "captions/attention_1"} <= set(tags["images"])
 
     # Killed mid-epoch (SIGTERM at step 8 of 12), resumed: the same weights as run a.
-    real = CaptionTask.loss
-
-    def loss(self, model, batch, step):
-        if step == 8:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, model, batch, step)
-
-    monkeypatch.setattr(CaptionTask, "loss", loss)
+    disarm = sigterm_at_step(CaptionTask, 8)
     b = _caption_flags(tmp_path / "b")
     assert train_main(b) == 128 + signal.SIGTERM
-    monkeypatch.setattr(CaptionTask, "loss", real)
+    disarm()
     assert train_main([*b, "--resume", "auto"]) == 0
     wa = torch.load(run / "last.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]

@@ -6,7 +6,6 @@ with --loader device (mixup on top, exact resume)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -237,25 +236,18 @@ def test_engine_loader_selection(tmp_path: Path) -> None:
 
 
 def test_engine_with_device_loader_and_mixup_resumes_exactly(
-    tmp_path: Path, monkeypatch, capsys
+    tmp_path: Path, sigterm_at_step, capsys
 ) -> None:
     """Device loader with crop/flip/cutout, mixup/cutmix on top; SIGTERM mid-epoch, then resume."""
     from vit.train import ClassificationTask
 
     recipe = {**TINY, "loader": "device", "mixup": 0.8, "cutmix": 1.0, "hflip": True}
     assert main(_flags({**recipe, "out_dir": str(tmp_path / "a")})) == 0
-    real = ClassificationTask.loss
-
-    def loss(self, model, batch, step):
-        if step == 5:  # mid-epoch (4 steps per epoch)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, model, batch, step)
-
-    monkeypatch.setattr(ClassificationTask, "loss", loss)
+    disarm = sigterm_at_step(ClassificationTask, 5)  # mid-epoch (4 steps per epoch)
     b = _flags({**recipe, "out_dir": str(tmp_path / "b")})
     assert main(b) == 128 + signal.SIGTERM
     assert "SIGTERM at step 6" in capsys.readouterr().err
-    monkeypatch.setattr(ClassificationTask, "loss", real)
+    disarm()
     assert main([*b, "--resume", "auto"]) == 0
     wa = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
     wb = load_checkpoint(tmp_path / "b" / "last.pt")["model"]

@@ -235,7 +235,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return {**ckpt["model"], **{f"ema.{k}": v for k, v in ckpt["ema"].items()}}
 
 
-def test_sigterm_saves_and_resume_is_exact(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_sigterm_saves_and_resume_is_exact(tmp_path: Path, sigterm_at_step, capsys) -> None:
     """Mixup/cutmix, randaugment, drop path and EMA all on: every source of randomness."""
     from vit.train import ClassificationTask
 
@@ -251,19 +251,12 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path: Path, monkeypatch, capsys) 
         "ema_decay": 0.9,
     }
     assert main(flags({**recipe, "out_dir": str(tmp_path / "a")})) == 0
-    real = ClassificationTask.loss
-
-    def loss(self, model, batch, step):
-        if step == 11:  # mid-epoch (8 steps per epoch)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, model, batch, step)
-
-    monkeypatch.setattr(ClassificationTask, "loss", loss)
+    disarm = sigterm_at_step(ClassificationTask, 11)  # mid-epoch (8 steps per epoch)
     b = flags({**recipe, "out_dir": str(tmp_path / "b")})
     assert main(b) == 128 + signal.SIGTERM
     assert "SIGTERM at step 12" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "b" / "last.pt")["progress"]["batch_in_epoch"] == 4
-    monkeypatch.setattr(ClassificationTask, "loss", real)
+    disarm()
     assert main([*b, "--resume", "auto"]) == 0
     wa, wb = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
