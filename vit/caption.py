@@ -6,18 +6,12 @@ Captions images with a checkpoint written by ``python train.py --task caption``:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 __all__ = ["caption_images", "main"]
-
-
-class _CliError(Exception):
-    pass
 
 
 def caption_images(
@@ -34,7 +28,7 @@ def caption_images(
 
     model, ckpt = load_model(checkpoint)
     if ckpt["task"] != "caption":
-        raise _CliError(
+        raise ValueError(
             f"{checkpoint} is a {ckpt['task']!r} checkpoint, not a captioner; use "
             f"python -m vit.evaluate for it"
         )
@@ -44,20 +38,16 @@ def caption_images(
     size = model.encoder.patch_embed.img_size
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
-        raise _CliError(f"image file(s) not found: {', '.join(missing)}")
+        raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
     batch = torch.stack([normalize(_read_image(Path(p), size)) for p in images]).to(dev)
     ids = model.generate(batch, max_len, beam_size=beam_size)
     return [tokenizer.decode(row) for row in ids.tolist()]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vit.train import CheckpointError, ConfigError
+    from vit.train import CheckpointError, CliParser
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> Any:
-            raise _CliError(message)
-
-    p = Parser(prog="python -m vit.caption", description=__doc__.split("\n\n")[1])
+    p = CliParser(prog="python -m vit.caption", description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="best.pt/last.pt of a caption run")
     p.add_argument("--images", nargs="+", required=True, help="image files (any PIL format)")
     p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
@@ -72,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             max_len=args.max_len,
             device=args.device,
         )
-    except (_CliError, CheckpointError, ConfigError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path, caption in zip(args.images, captions, strict=True):

@@ -7,7 +7,6 @@ one-line message on bad input.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -17,6 +16,7 @@ import torch
 
 from vit.train import (
     CheckpointError,
+    CliParser,
     ConfigError,
     get_task,
     load_model,
@@ -70,11 +70,7 @@ def evaluate_checkpoint(
 def main(argv: list[str] | None = None) -> int:
     from vit.data import DataError
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> Any:
-            raise ConfigError(message)
-
-    p = Parser(prog="python -m vit.evaluate", description=__doc__.split("\n\n")[1])
+    p = CliParser(prog="python -m vit.evaluate", description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train.py")
     p.add_argument("--data", help="dataset name (default: the one it was trained on)")
     p.add_argument("--data-dir", help="dataset directory (default: the training run's)")

@@ -270,7 +270,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return values
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise ConfigError: every CLI reports them in one line, exit 2."""
+
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(message)
 
@@ -289,7 +291,7 @@ def _yaml_mapping(text: str) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """``--config FILE`` plus one option per :class:`RunConfig` field (``--data-dir``, ...)."""
-    p = _Parser(
+    p = CliParser(
         prog="train.py",
         description="Train a Vision Transformer. Options override the --config file.",
         allow_abbrev=False,
