@@ -193,6 +193,26 @@ def test_fp16_grad_scaler_skips_steps_with_inf_gradients(tmp_path: Path) -> None
     assert not torch.equal(weights["head.weight"], t.model.head.weight)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_training_matches_cpu(tmp_path: Path) -> None:
+    """An epoch on CUDA (fused AdamW, device loader, losses checked lazily) equals the CPU's."""
+    runs = {}
+    for device in ("cpu", "cuda"):
+        t = Trainer(tiny(tmp_path / device, device=device, loader="device", ema=True))
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides for the comparison
+        t.fit()
+        runs[device] = {
+            **t.model.state_dict(),
+            **{f"ema.{k}": v for k, v in t.ema.module.state_dict().items()},
+        }
+    assert runs["cuda"].keys() == runs["cpu"].keys()
+    for k, v in runs["cpu"].items():
+        torch.testing.assert_close(
+            runs["cuda"][k].cpu(), v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
 def test_channels_last_gives_the_same_logits(tmp_path: Path) -> None:
     a = Trainer(tiny(tmp_path, channels_last=True))
     b = Trainer(tiny(tmp_path / "b", channels_last=False))
@@ -364,6 +384,18 @@ def test_time_limit_fits_the_schedule(tmp_path: Path) -> None:
     assert 300 < p.total_steps < 580 and p.warmup_steps <= p.total_steps // 5
     t._fit_schedule(step_time=1e-6)
     assert p.total_steps == 100 * 8  # capped by --epochs
+
+
+def test_val_every_validates_and_saves_every_n_epochs_and_at_the_end(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, epochs=5, val_every=2)
+    t = Trainer(cfg)
+    saves = []
+    real = t.save
+    t.save = lambda name="last.pt": saves.append((t.progress.epoch, name)) or real(name)
+    t.fit()
+    lines = (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in lines if '"val"' in r] == [2, 4, 5]
+    assert [e for e, name in saves if name == "last.pt"] == [2, 4, 5]
 
 
 def test_rollout_hook_contract(tmp_path: Path, monkeypatch) -> None:

@@ -149,16 +149,30 @@ class RunConfig:
     out_dir: str = _opt("", "run directory; '' = runs/<task>-<data>")
     resume: str = _opt("", "'auto' (out-dir/last.pt when present) or a checkpoint path")
     time_limit: float = _opt(0.0, "minutes: fit warmup+cosine+final eval into this; 0 = off")
+    val_every: int = _opt(
+        1, "epochs between validations and checkpoints (the last epoch always validates)"
+    )
     save_every: int = _opt(0, "also save last.pt every this many steps; 0 = epoch ends only")
     log_every: int = _opt(50, "steps between training scalars")
-    rollout_every: int = _opt(1, "epochs between attention-rollout images; 0 = off")
+    rollout_every: int = _opt(
+        1, "epochs between attention-rollout images (at validations); 0 = off"
+    )
     rollout_images: int = _opt(8, "validation images shown in the rollout grid")
     rollout_head_fusion: Literal["mean", "max", "min"] = _opt("mean", "rollout head fusion")
     rollout_discard_ratio: float = _opt(0.0, "rollout: share of lowest weights dropped")
     rollout_per_layer: bool = _opt(False, "rollout: also log each layer's attention")
 
 
-_POSITIVE = ("img_size", "epochs", "batch_size", "lr", "log_every", "rollout_images", "ema_decay")
+_POSITIVE = (
+    "img_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "val_every",
+    "log_every",
+    "rollout_images",
+    "ema_decay",
+)
 _NON_NEGATIVE = (
     "min_lr",
     "weight_decay",
@@ -926,7 +940,17 @@ class Trainer:
         from timm.optim import param_groups_weight_decay
 
         groups = param_groups_weight_decay(self.model, cfg.weight_decay, no_weight_decay_list=nwd)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
+        # On CUDA one fused kernel updates every parameter (the foreach default launches several
+        # per group); the results agree to rounding.
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused)
+        if fused:
+            torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in fp32
+            torch.backends.cudnn.allow_tf32 = True
+            # cuDNN's fused attention backward can return NaN gradients on Hopper GPUs (measured
+            # here: bf16 CIFAR runs on an H100 stopped with a NaN loss after 566 and 1268 steps;
+            # pytorch/pytorch#196678); flash and memory-efficient attention take over.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         # AMP is decided once here; the loop has no dtype branches.
         self.autocast = (
@@ -964,6 +988,7 @@ class Trainer:
         self._signal: int | None = None
         self._stop = False  # under DDP: some rank was signalled (agreed at each step)
         self._data_clock = _WaitClock()
+        self._unchecked: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm)
 
     def _use_device_loader(self) -> bool:
         """Resolve ``--loader``: the device loader needs in-memory images and a policy it can run
@@ -1079,6 +1104,7 @@ class Trainer:
         return {"ranks": states}
 
     def save(self, name: str = "last.pt") -> Path:
+        self.check_finite()  # never replace a good checkpoint with diverged weights
         path = self.out / name
         state = self.state_dict()  # every rank: gathering the RNG states is collective under DDP
         if self.is_main:
@@ -1086,8 +1112,12 @@ class Trainer:
         return path
 
     # -- one step -------------------------------------------------------------------------------
-    def train_step(self, batch: Any) -> dict[str, float]:
-        """One optimiser step on a collated batch; returns loss, lr and gradient norm."""
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        """One optimiser step on a collated batch; returns loss, lr and gradient norm.
+
+        The loss and gradient norm stay tensors and are checked for NaN/inf later, in
+        :meth:`check_finite` (at log steps and before every checkpoint): reading them here would
+        make the host wait for the device at every step."""
         p = self.progress
         lr = lr_at(
             p.step,
@@ -1102,37 +1132,54 @@ class Trainer:
         with self.autocast:
             loss = self.task.loss(self.train_model, batch, p.step)
         value = self._sync_step(loss)
-        if not math.isfinite(value):
-            raise Diverged(f"the loss became {value} at step {p.step}")
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            raise Diverged(f"the gradient norm became {grad_norm} at step {p.step}")
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)  # fp16: skipped when the gradients hold inf/NaN
-        self.scaler.update()
-        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
-        p.skipped_steps += skipped
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        skipped = False
+        if self.scaler.is_enabled():  # fp16: the step is skipped when the gradients hold inf/NaN
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+            p.skipped_steps += skipped
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and not skipped:
             self.ema.update(self.model, step=p.step)
+        value, grad_norm = value.detach(), grad_norm.detach()
+        self._unchecked.append((p.step, value, grad_norm))
         p.step += 1
         return {"loss": value, "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped)}
 
-    def _sync_step(self, loss: Tensor) -> float:
+    def check_finite(self) -> None:
+        """Raise :class:`Diverged` naming the first step since the last check whose loss (or,
+        without fp16's GradScaler, gradient norm) was NaN or inf; one host-device sync."""
+        if not self._unchecked:
+            return
+        steps, losses, norms = zip(*self._unchecked, strict=True)
+        self._unchecked.clear()
+        values = torch.stack([torch.stack(losses).float(), torch.stack(norms).float()]).cpu()
+        for what, row in zip(("loss", "gradient norm"), values, strict=True):
+            if what == "gradient norm" and self.scaler.is_enabled():
+                continue  # fp16: the GradScaler skips those steps
+            bad = (~torch.isfinite(row)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise Diverged(f"the {what} became {row[i].item()} at step {steps[i]}")
+
+    def _sync_step(self, loss: Tensor) -> Tensor:
         """The loss, averaged over DDP ranks together with a "signalled" flag: every rank then
-        agrees on divergence and on the step after which to stop (one rank stopping alone would
-        leave the others waiting in the next all-reduce)."""
+        agrees on the step after which to stop (one rank stopping alone would leave the others
+        waiting in the next all-reduce). A single process returns it without waiting for it."""
         if self.world_size == 1:
-            return loss.item()
+            return loss
         flag = torch.tensor(float(self._signal is not None), device=loss.device)
         both = torch.stack([loss.detach().float(), flag])
         torch.distributed.all_reduce(both)
-        total, signalled = both.tolist()
-        self._stop = signalled > 0
-        return total / self.world_size
+        self._stop = both[1].item() > 0
+        return both[0] / self.world_size
 
     # -- validation -----------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
@@ -1150,10 +1197,10 @@ class Trainer:
 
     # -- time limit -----------------------------------------------------------------------------
     def _fit_schedule(self, step_time: float, epoch_end: float | None = None) -> None:
-        """Shrink the schedule so warmup, cosine, the per-epoch validations and checkpoints and the
-        final ones all end within ``--time-limit``, from the measured step time and epoch-end
-        time (before the first epoch ends: validating a sample costs about a third of a training
-        step, checkpoints are written at 200 MB/s)."""
+        """Shrink the schedule so warmup, cosine, the validations and checkpoints (every
+        ``val_every`` epochs) and the final ones all end within ``--time-limit``, from the
+        measured step time and epoch-end time (before the first validation: validating a sample
+        costs about a third of a training step, checkpoints are written at 200 MB/s)."""
         cfg, p = self.cfg, self.progress
         remaining = cfg.time_limit * 60 - (time.monotonic() - self.t_start)
         if epoch_end is None:
@@ -1162,7 +1209,7 @@ class Trainer:
             epoch_end = len(self.val_set) * per_sample / 3 + 0.2 + n_params * 16 / 200e6
         margin = 0.03 * cfg.time_limit * 60 + 2.0
         budget = remaining - margin - epoch_end
-        per_step = step_time + epoch_end / self.steps_per_epoch
+        per_step = step_time + epoch_end / (self.steps_per_epoch * cfg.val_every)
         steps = max(p.step + 1, p.step + int(budget / per_step))
         p.total_steps = min(steps, cfg.epochs * self.steps_per_epoch)
         p.warmup_steps = min(p.warmup_steps, p.total_steps // 5)
@@ -1174,7 +1221,8 @@ class Trainer:
         if not self.is_main:
             return
         print(
-            f"time limit {cfg.time_limit:g} min: {step_time * 1e3:.0f} ms/step → "
+            f"time limit {cfg.time_limit:g} min: {step_time * 1e3:.0f} ms/step, "
+            f"{epoch_end:.1f} s per epoch end → "
             f"{p.total_steps} steps ({p.total_steps / self.steps_per_epoch:.1f} epochs)",
             file=sys.stderr,
         )
@@ -1247,10 +1295,11 @@ class Trainer:
             )
         writer = self._open_logs() if self.is_main else None
         sampler = self.train_loader.batch_sampler
-        # --time-limit: fit the schedule after a few measured steps, again after the first epoch
-        # (then with the measured validation and checkpoint time). A resumed run keeps its schedule.
+        # --time-limit: fit the schedule from steps 2-12 (step 0 pays for torch.compile), then
+        # again after each validation in the first 90% of it, from the steps since the last fit
+        # and the measured validation and checkpoint time. A resumed run keeps its schedule.
         fit_at = p.step + 12 if cfg.time_limit > 0 and self.resumed_from is None else -1
-        t_fit = None
+        t_fit, step_fit = None, 0
         quiet = not sys.stderr.isatty()
         self.model.train()
         self.t_train = time.monotonic()
@@ -1272,12 +1321,14 @@ class Trainer:
                         p.batch_in_epoch += 1
                         seen += cfg.batch_size
                         bar.update()
-                        bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
                         if p.step == fit_at - 10:
-                            t_fit = time.monotonic()
+                            t_fit, step_fit = time.monotonic(), p.step
                         elif p.step == fit_at and t_fit is not None:
                             self._fit_schedule((time.monotonic() - t_fit) / 10)
                         if p.step % cfg.log_every == 0:
+                            self.check_finite()
+                            stats = {k: float(v) for k, v in stats.items()}
+                            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
                             now = time.monotonic()
                             stats["images_per_s"] = seen / (now - t_log)
                             # Share of the wall time spent waiting for the next batch.
@@ -1291,11 +1342,14 @@ class Trainer:
                             break
                     bar.close()
                     t_end = time.monotonic()
-                    self._end_epoch(writer)
-                    if fit_at > 0 and p.epoch == 1 and p.step < p.total_steps:
+                    validated = self._end_epoch(writer)
+                    if validated and fit_at > 0 and p.step < 0.9 * p.total_steps:
+                        if t_fit is None:  # an epoch shorter than the first fit's 12 steps
+                            t_fit, step_fit = self.t_train, 0
                         self._fit_schedule(
-                            (t_end - self.t_train) / p.step, time.monotonic() - t_end
+                            (t_end - t_fit) / (p.step - step_fit), time.monotonic() - t_end
                         )
+                        t_fit, step_fit = time.monotonic(), p.step
                     self._check_signal()
             if writer is not None:
                 writer.add_hparams(
@@ -1310,11 +1364,15 @@ class Trainer:
                 self._metrics_file.close()
         return self.last_metrics
 
-    def _end_epoch(self, writer: Any) -> None:
+    def _end_epoch(self, writer: Any) -> bool:
+        """Count the epoch; every ``val_every`` epochs and at the end, validate, log and save.
+        Returns whether it validated."""
         p = self.progress
-        metrics = self.validate()
         p.epoch += 1
         p.batch_in_epoch = 0
+        if p.epoch % self.cfg.val_every and p.step < p.total_steps:
+            return False
+        metrics = self.validate()
         self.last_metrics = metrics
         primary = metrics[self.task.primary_metric]
         self._log(writer, "val", metrics)
@@ -1324,7 +1382,7 @@ class Trainer:
             self.save("best.pt")
         self.save()
         if writer is None:  # DDP ranks other than 0
-            return
+            return True
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "n")
         print(
             f"epoch {p.epoch} step {p.step}/{p.total_steps}: val {shown} "
@@ -1333,6 +1391,7 @@ class Trainer:
             file=sys.stderr,
         )
         writer.flush()
+        return True
 
 
 def _hparams(cfg: RunConfig) -> dict[str, Any]:
