@@ -154,6 +154,21 @@ def test_uniform_ints_are_uniform_and_decorrelated() -> None:
         assert (a == other).double().mean().item() == pytest.approx(0.1, abs=0.01)
 
 
+def test_loader_params_are_the_per_stream_uniform_ints() -> None:
+    """params() draws all five streams in one pass; each equals its own uniform_ints."""
+    loader = DeviceLoader(
+        _dataset(2), 2, device="cpu", seed=3, shuffle=True, drop_last=True,
+        crop_padding=4, hflip=True, cutout=6,
+    )  # fmt: skip
+    index = torch.randperm(1000)
+    for epoch in (0, 5, 0):
+        p = loader.params(epoch, index)
+        expect = {s: uniform_ints(3, epoch, index, s, h) for s, h in enumerate((9, 9, 2, 11, 11))}
+        assert torch.equal(p["crop_xy"], torch.stack([expect[0], expect[1]], dim=1))
+        assert torch.equal(p["flip"], expect[2].bool())
+        assert torch.equal(p["cutout_xy"], torch.stack([expect[3], expect[4]], dim=1))
+
+
 # ----------------------------------------------------------------------------------------------
 # Determinism in (seed, epoch, index)
 # ----------------------------------------------------------------------------------------------

@@ -520,7 +520,16 @@ def uniform_ints(seed: int, epoch: int, index: Tensor, stream: int, high: int) -
     ``(seed, epoch, index, stream)``: the device loader's analogue of :func:`sample_seed`, computed
     on ``index``'s device without a generator, so any batching, rank or resume point draws the
     same value for a sample."""
-    key = sample_seed(seed, epoch, (1 << 42) + stream)
+    return _hash_uniform(index, _stream_key(seed, epoch, stream), high)
+
+
+def _stream_key(seed: int, epoch: int, stream: int) -> int:
+    return sample_seed(seed, epoch, (1 << 42) + stream)
+
+
+def _hash_uniform(index: Tensor, key: Tensor | int, high: Tensor | int) -> Tensor:
+    """:func:`uniform_ints` given the stream's key; ``key`` and ``high`` may be tensors that
+    broadcast against ``index`` (several streams in one pass)."""
     h = _mix32(_mix32((index.long() * 0x9E3779B1 + key) & _M32) ^ (key >> 7))
     return (h * high) >> 32  # Lemire's multiply-shift: uniform up to a 2^-32 bias
 
@@ -616,24 +625,30 @@ class DeviceLoader:
             world_size=world_size,
         )
         self._augment = shuffle and (crop_padding > 0 or hflip or cutout > 0)
+        # The streams of params(): crop x, crop y, flip, cutout x, cutout y; each draws from
+        # [0, high). Offsets 0..2p as RandomCrop of the padded image; CoarseDropout keeps the hole
+        # inside the image.
+        crop, hole = 2 * crop_padding + 1, dataset.img_size - cutout + 1
+        self._highs = torch.tensor([[crop], [crop], [2], [hole], [hole]], device=self.device)
+        self._keys: tuple[int, Tensor] | None = None  # (epoch, the streams' keys)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def params(self, epoch: int, index: Tensor) -> dict[str, Any]:
-        """Augmentation parameters of samples ``index`` in ``epoch`` (see :func:`augment_batch`)."""
-        seed, size = self.seed, self.images.shape[1]
+        """Augmentation parameters of samples ``index`` in ``epoch`` (see :func:`augment_batch`):
+        every stream's :func:`uniform_ints` in one pass of a few kernels."""
+        if self._keys is None or self._keys[0] != epoch:  # one small host-to-device copy an epoch
+            keys = [[_stream_key(self.seed, epoch, stream)] for stream in range(5)]
+            self._keys = (epoch, torch.tensor(keys, device=self.device))
+        draws = _hash_uniform(index[None], self._keys[1], self._highs)  # (5, B)
         out: dict[str, Any] = {"crop_padding": self.crop_padding, "cutout": self.cutout}
         if self.crop_padding > 0:
-            span = 2 * self.crop_padding + 1  # offsets 0..2p, as RandomCrop of the padded image
-            xy = [uniform_ints(seed, epoch, index, s, span) for s in (0, 1)]
-            out["crop_xy"] = torch.stack(xy, dim=1)
+            out["crop_xy"] = draws[0:2].T
         if self.hflip:
-            out["flip"] = uniform_ints(seed, epoch, index, 2, 2).bool()
+            out["flip"] = draws[2].bool()
         if self.cutout > 0:
-            span = size - self.cutout + 1  # CoarseDropout keeps the hole inside the image
-            xy = [uniform_ints(seed, epoch, index, s, span) for s in (3, 4)]
-            out["cutout_xy"] = torch.stack(xy, dim=1)
+            out["cutout_xy"] = draws[3:5].T
         return out
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
