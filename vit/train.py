@@ -947,9 +947,10 @@ class Trainer:
         if fused:
             torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in fp32
             torch.backends.cudnn.allow_tf32 = True
-            # cuDNN's fused attention backward can return NaN gradients on Hopper GPUs (measured
-            # here: bf16 CIFAR runs on an H100 stopped with a NaN loss after 566 and 1268 steps;
-            # pytorch/pytorch#196678); flash and memory-efficient attention take over.
+            # cuDNN's fused attention backward returns NaN gradients on Hopper GPUs in known
+            # cases (pytorch/pytorch#196678); two bf16 CIFAR runs on an H100 stopped with a NaN
+            # loss (steps 566 and 1268, sound gradient norms before). Flash and memory-efficient
+            # attention take over at the same speed.
             torch.backends.cuda.enable_cudnn_sdp(False)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         # AMP is decided once here; the loop has no dtype branches.
@@ -1150,6 +1151,8 @@ class Trainer:
             self.ema.update(self.model, step=p.step)
         value, grad_norm = value.detach(), grad_norm.detach()
         self._unchecked.append((p.step, value, grad_norm))
+        if len(self._unchecked) >= 1000:  # with a long --log-every, still bounded
+            self.check_finite()
         p.step += 1
         return {"loss": value, "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped)}
 
@@ -1197,7 +1200,7 @@ class Trainer:
 
     # -- time limit -----------------------------------------------------------------------------
     def _fit_schedule(self, step_time: float, epoch_end: float | None = None) -> None:
-        """Shrink the schedule so warmup, cosine, the validations and checkpoints (every
+        """Size the schedule so warmup, cosine, the validations and checkpoints (every
         ``val_every`` epochs) and the final ones all end within ``--time-limit``, from the
         measured step time and epoch-end time (before the first validation: validating a sample
         costs about a third of a training step, checkpoints are written at 200 MB/s)."""
