@@ -1117,8 +1117,8 @@ class Trainer:
         """One optimiser step on a collated batch; returns loss, lr and gradient norm.
 
         The loss and gradient norm stay tensors and are checked for NaN/inf later, in
-        :meth:`check_finite` (at log steps and before every checkpoint): reading them here would
-        make the host wait for the device at every step."""
+        :meth:`check_finite` (at log steps, before every checkpoint and every 1000 steps): reading
+        them here would make the host wait for the device at every step."""
         p = self.progress
         lr = lr_at(
             p.step,
