@@ -386,6 +386,25 @@ def test_time_limit_fits_the_schedule(tmp_path: Path) -> None:
     assert p.total_steps == 100 * 8  # capped by --epochs
 
 
+def test_time_limit_refits_the_schedule_at_every_epoch_end(tmp_path: Path) -> None:
+    # Not only after validations: a machine that slows down midway must still end on time.
+    t = Trainer(tiny(tmp_path, epochs=5, val_every=2, time_limit=10.0))
+    fits = []
+    real = t._fit_schedule
+
+    def fit(step_time: float, epoch_end: float | None = None) -> None:
+        fits.append((t.progress.step, step_time > 0, epoch_end))
+        real(step_time, epoch_end)
+
+    t._fit_schedule = fit
+    t.fit()
+    # 8 steps per epoch; the epoch end at step 8 replaces the 12-step fit; none past 90% of 40.
+    assert [(step, ok) for step, ok, _ in fits] == [(8, True), (16, True), (24, True), (32, True)]
+    ends = [e for *_, e in fits]
+    assert ends[0] is None and ends[1] == ends[2] > 0 and ends[3] > 0  # measured at epochs 2, 4
+    assert t.progress.total_steps == 40
+
+
 def test_val_every_validates_and_saves_every_n_epochs_and_at_the_end(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, epochs=5, val_every=2)
     t = Trainer(cfg)

@@ -1299,10 +1299,12 @@ class Trainer:
         writer = self._open_logs() if self.is_main else None
         sampler = self.train_loader.batch_sampler
         # --time-limit: fit the schedule from steps 2-12 (step 0 pays for torch.compile), then
-        # again after each validation in the first 90% of it, from the steps since the last fit
-        # and the measured validation and checkpoint time. A resumed run keeps its schedule.
-        fit_at = p.step + 12 if cfg.time_limit > 0 and self.resumed_from is None else -1
-        t_fit, step_fit = None, 0
+        # again at each epoch end in the first 90% of it, from the steps since the last fit and
+        # the last measured validation and checkpoint time, so a machine that slows down midway
+        # still ends on time. A resumed run keeps its schedule.
+        timed = cfg.time_limit > 0 and self.resumed_from is None
+        fit_at = p.step + 12 if timed else -1
+        t_fit, step_fit, epoch_end = None, 0, None
         quiet = not sys.stderr.isatty()
         self.model.train()
         self.t_train = time.monotonic()
@@ -1345,14 +1347,13 @@ class Trainer:
                             break
                     bar.close()
                     t_end = time.monotonic()
-                    validated = self._end_epoch(writer)
-                    if validated and fit_at > 0 and p.step < 0.9 * p.total_steps:
+                    if self._end_epoch(writer):
+                        epoch_end = time.monotonic() - t_end
+                    if timed and p.step < 0.9 * p.total_steps:
                         if t_fit is None:  # an epoch shorter than the first fit's 12 steps
                             t_fit, step_fit = self.t_train, 0
-                        self._fit_schedule(
-                            (t_end - t_fit) / (p.step - step_fit), time.monotonic() - t_end
-                        )
-                        t_fit, step_fit = time.monotonic(), p.step
+                        self._fit_schedule((t_end - t_fit) / (p.step - step_fit), epoch_end)
+                        t_fit, step_fit, fit_at = time.monotonic(), p.step, -1
                     self._check_signal()
             if writer is not None:
                 writer.add_hparams(
