@@ -92,7 +92,23 @@ def machine() -> str:
         return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = torch.get_num_threads()
-    return f"{cpus}-core CPU ({platform.machine()}), no GPU, {threads} thread(s) per process"
+    # The vector ISA torch's kernels use (AVX512, AVX2, ...): it sets the speed more than the model.
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"{cpus}-core {_cpu_name()} ({platform.machine()}, {isa}), no GPU, "
+        f"{threads} thread(s) per process"
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
 
 
 def _sync(device: torch.device) -> None:
