@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
+from benchmarks.machine import describe_cpu
 from vit.models import ViTConfig, create_model, list_models
 from vit.timm_interop import convert_timm_state_dict
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     dtype = "bf16 autocast" if args.amp == "bf16" else "fp32"
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
     print(
         f"# {where}, {torch.get_num_threads()} threads, {dtype}, batch {args.batch_size}, "
         f"median of {args.rounds} alternating rounds x {args.steps} steps, "

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from benchmarks.machine import describe_cpu
 from vit.data import DataError
 from vit.train import (
     CheckpointError,
@@ -90,25 +89,7 @@ def machine() -> str:
     """A short description of where this ran."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = torch.get_num_threads()
-    # The vector ISA torch's kernels use (AVX512, AVX2, ...): it sets the speed more than the model.
-    isa = torch.backends.cpu.get_cpu_capability()
-    return (
-        f"{cpus}-core {_cpu_name()} ({platform.machine()}, {isa}), no GPU, "
-        f"{threads} thread(s) per process"
-    )
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
+    return f"{describe_cpu()}, no GPU, {torch.get_num_threads()} thread(s) per process"
 
 
 def _sync(device: torch.device) -> None:
