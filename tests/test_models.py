@@ -169,6 +169,31 @@ def test_eval_is_deterministic_and_train_uses_dropout() -> None:
     assert not torch.allclose(model(x), model(x))
 
 
+def test_patch_dropout_keeps_a_random_subset_in_training_only() -> None:
+    model = create_model("vit_tiny_patch4_32", patch_drop_rate=0.25, **TINY)
+    plain = create_model("vit_tiny_patch4_32", **TINY)
+    plain.load_state_dict(model.state_dict())  # no parameters of its own
+    nn.init.normal_(model.head.weight), plain.head.weight.data.copy_(model.head.weight)
+    x = torch.randn(4, 3, 16, 16)
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x), plain(x), atol=0, rtol=0)  # evaluation sees everything
+
+    model.train()
+    embedded = model.pos_embed + torch.cat(
+        [model.cls_token.expand(4, -1, -1), model.patch_embed(x)], dim=1
+    )
+    tokens = model._embed(x)  # the class token and 12 of the 16 patches, each with its position
+    assert tokens.shape == (4, 1 + 12, 32)
+    torch.testing.assert_close(tokens[:, 0], embedded[:, 0], atol=0, rtol=0)
+    kept = []
+    for b in range(4):
+        match = (tokens[b, 1:, None] == embedded[b, None, 1:]).all(-1)  # (12, 16)
+        assert (match.sum(1) == 1).all(), "every kept token is one of the sample's own patches"
+        kept.append(frozenset(match.nonzero()[:, 1].tolist()))
+    assert all(len(k) == 12 for k in kept) and len(set(kept)) > 1  # distinct per sample
+    assert not torch.allclose(model(x), plain.train()(x))
+
+
 def test_bad_images_are_refused() -> None:
     model = create_model("vit_tiny_patch4_32", **TINY)
     with pytest.raises(ValueError, match=r"3 input channels, got 1.*in_chans=1"):
@@ -192,6 +217,8 @@ def test_bad_configurations_are_refused() -> None:
         ViTConfig(pool="cls", class_token=False)
     with pytest.raises(ValueError, match="drop_path_rate must be in"):
         ViTConfig(drop_path_rate=1.5)
+    with pytest.raises(ValueError, match="patch_drop_rate must be in"):
+        ViTConfig(patch_drop_rate=1.0)
     with pytest.raises(ValueError, match=r"unknown model 'vit_tiny_patch4_23'.*vit_tiny_patch4_32"):
         create_model("vit_tiny_patch4_23")
     with pytest.raises(TypeError, match=r"'drop_path'.*did you mean 'drop_path_rate'"):

@@ -108,6 +108,31 @@ def test_from_timm_keeps_training_options() -> None:
     assert from_timm(theirs.train()).training
 
 
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_patch_dropout_draws_the_tokens_timm_draws(global_pool: str) -> None:
+    # In training, under the same seed, our patch dropout keeps the same tokens as timm's: same
+    # logits and the same gradients. In evaluation both see every token.
+    theirs = _randomise(
+        TimmViT(img_size=16, patch_size=4, patch_drop_rate=0.5, global_pool=global_pool, **SMALL)
+    )
+    ours = from_timm(theirs)
+    assert ours.config.patch_drop_rate == 0.5
+    x = torch.randn(3, 3, 16, 16)
+    for training in (True, False):
+        theirs.train(training), ours.train(training)
+        torch.manual_seed(1)
+        expected = theirs(x)
+        torch.manual_seed(1)
+        got = ours(x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    theirs.train(), ours.train()
+    torch.manual_seed(2)
+    g_theirs = torch.autograd.grad(theirs(x).square().sum(), theirs.patch_embed.proj.weight)
+    torch.manual_seed(2)
+    g_ours = torch.autograd.grad(ours(x).square().sum(), ours.patch_embed.proj.weight)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [

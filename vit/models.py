@@ -17,7 +17,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vit.layers import DecoderBlock, EncoderBlock, PatchEmbedding, sincos_2d_position_encoding
+from vit.layers import (
+    DecoderBlock,
+    EncoderBlock,
+    PatchDropout,
+    PatchEmbedding,
+    sincos_2d_position_encoding,
+)
 from vit.layers import sinusoidal_position_encoding as sinusoidal_1d
 
 __all__ = [
@@ -59,6 +65,9 @@ class ViTConfig:
     proj_drop_rate: float = 0.0  # dropout inside the blocks (attention output, feed-forward)
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, increasing linearly with depth to this value
+    # Training only: the share of patch tokens each sample drops before the blocks (patch dropout,
+    # Liu et al. 2022): 0.5 runs the blocks on half the tokens. Evaluation sees all of them.
+    patch_drop_rate: float = 0.0
     layer_scale_init: float | None = None  # CaiT layer scale; None: off
     norm_eps: float = 1e-6
 
@@ -79,7 +88,13 @@ class ViTConfig:
             problems.append(
                 f"pos_embed must be 'learned', 'sincos2d' or 'sinusoidal', got {self.pos_embed!r}"
             )
-        for name in ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        for name in (
+            "drop_rate",
+            "proj_drop_rate",
+            "attn_drop_rate",
+            "drop_path_rate",
+            "patch_drop_rate",
+        ):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.mlp_ratio <= 0:
@@ -135,6 +150,11 @@ class VisionTransformer(nn.Module):
             prefix = torch.zeros(self.num_prefix_tokens, d)
             self.register_buffer("pos_embed", torch.cat([prefix, fixed])[None], persistent=False)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.patch_drop = (
+            PatchDropout(cfg.patch_drop_rate, self.num_prefix_tokens)
+            if cfg.patch_drop_rate > 0
+            else nn.Identity()
+        )
         # On CPU explicitly, so that models can be built under `with torch.device("meta")`.
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
@@ -188,7 +208,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
-        return self.pos_drop(x + self.pos_embed)
+        return self.patch_drop(self.pos_drop(x + self.pos_embed))
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) → tokens (B, prefix+N, D), after the final norm."""

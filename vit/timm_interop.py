@@ -83,7 +83,6 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     refuse(not getattr(pe, "strict_img_size", True), "strict_img_size=False")
     refuse(not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity), "embed_norm_layer")
     refuse(pe.proj.bias is None, "a patch embedding without bias")
-    refuse(not isinstance(model.patch_drop, nn.Identity), "patch_drop_rate > 0")
     refuse(model.attn_pool is not None, f"attention pooling (global_pool={model.global_pool!r})")
     refuse(
         model.attn_pool is None and model.global_pool not in ("token", "avg"),
@@ -179,6 +178,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         drop_path_rate=(
             last.drop_path1.drop_prob if isinstance(last.drop_path1, TimmDropPath) else 0.0
         ),
+        patch_drop_rate=getattr(model.patch_drop, "prob", 0.0),
         layer_scale_init=(
             float(first.ls1.init_values) if isinstance(first.ls1, TimmLayerScale) else None
         ),
