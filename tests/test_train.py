@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Any
@@ -385,67 +384,6 @@ def test_time_limit_fits_the_schedule(tmp_path: Path) -> None:
     assert 300 < p.total_steps < 580 and p.warmup_steps <= p.total_steps // 5
     t._fit_schedule(step_time=1e-6)
     assert p.total_steps == 100 * 8  # capped by --epochs
-
-
-PATCH_DROP = {**TINY["model_args"], "patch_drop_rate": 0.5}  # 16 patches, 8 kept
-
-
-def test_unmasked_tuning_trains_the_last_share_on_every_token(tmp_path: Path) -> None:
-    t = Trainer(tiny(tmp_path, epochs=2, model_args=PATCH_DROP, unmasked_tuning=0.25))
-    seen = []
-    t.model.blocks[0].register_forward_pre_hook(
-        lambda m, args: seen.append(args[0].shape[1]) if m.training else None
-    )
-    t.fit()
-    assert seen == [1 + 8] * 12 + [1 + 16] * 4  # 16 steps: the last quarter unmasked
-    assert t.progress.unmasked_from == 12  # checkpointed: a resumed run switches where it did
-
-    t = Trainer(tiny(tmp_path / "a", epochs=2, model_args=PATCH_DROP))  # never unmasks
-    assert t._unmasked_from() == t.progress.total_steps == 16
-    with pytest.raises(ConfigError, match="has none; add patch_drop_rate to --model-args"):
-        Trainer(tiny(tmp_path / "b", unmasked_tuning=0.1))
-
-
-def test_time_limit_prices_the_unmasked_steps(tmp_path: Path) -> None:
-    # With patch dropout 0.5, an unmasked step costs two timed steps: the steps the schedule
-    # gives up, at the cost of a step, pay for the unmasked share's extra time.
-    cfg = tiny(tmp_path, epochs=1000, time_limit=1.0, model_args=PATCH_DROP, unmasked_tuning=0.2)
-    t = Trainer(cfg)
-    t.progress.step = 12
-    t._fit_schedule(step_time=0.01, epoch_end=0.0)
-    with_unmasked = t.progress.total_steps
-    t.cfg.unmasked_tuning = 0.0
-    t._fit_schedule(step_time=0.01, epoch_end=0.0)
-    plain = t.progress.total_steps
-    extra_time = 0.01 * (2 - 1) * 0.2 * with_unmasked
-    assert (plain - with_unmasked) * 0.01 == pytest.approx(extra_time, rel=0.01)
-    assert 3000 < with_unmasked < plain < 5800
-
-
-def test_time_limit_refits_from_the_first_unmasked_steps(tmp_path: Path) -> None:
-    # The unmasked steps cost more than the estimate said or less: the schedule is refitted
-    # from their steps 2-12 (not across an epoch end), and patch dropout stays off after that.
-    cfg = tiny(tmp_path, epochs=5, time_limit=10.0, model_args=PATCH_DROP, unmasked_tuning=0.45)
-    t = Trainer(cfg)
-    fits, seen = [], []
-    real = t._fit_schedule
-
-    def fit(step_time: float, epoch_end: float | None = None) -> None:
-        fits.append((t.progress.step, step_time))
-        real(step_time, epoch_end)
-
-    t._fit_schedule = fit
-    end_epoch = t._end_epoch
-    t._end_epoch = lambda writer: time.sleep(1.0) or end_epoch(writer)  # a slow validation
-    t.model.blocks[0].register_forward_pre_hook(
-        lambda m, args: seen.append(args[0].shape[1]) if m.training else None
-    )
-    t.fit()
-    # 40 steps (capped by --epochs), unmasked from step 22; refits at the epoch ends before it
-    # (8, 16) and at 22 + 12 = 34, whose 10 timed steps (24-34) span the epoch ends at 24, 32.
-    assert [step for step, _ in fits] == [8, 16, 34]
-    assert seen == [1 + 8] * 22 + [1 + 16] * 18
-    assert fits[2][1] < 0.1  # a step, without the 2 s of epoch ends (0.2 s a step)
 
 
 def test_time_limit_refits_the_schedule_at_every_epoch_end(tmp_path: Path) -> None:

@@ -125,11 +125,6 @@ class RunConfig:
     mixup: float = _opt(0.0, "mixup alpha (Zhang et al. 2018); 0 = off")
     cutmix: float = _opt(0.0, "cutmix alpha (Yun et al. 2019); 0 = off")
     drop_path: float = _opt(0.0, "stochastic depth rate of the last block")
-    unmasked_tuning: float = _opt(
-        0.0,
-        "last share of the schedule trained on every patch token, with the model's patch "
-        "dropout (model_args patch_drop_rate) off: FLIP's unmasked tuning",
-    )
     ema: bool = _opt(False, "keep EMA weights (timm ModelEmaV3); validation then uses them")
     ema_decay: float = _opt(0.999, "EMA decay (warmed up from 0, so short runs work)")
     crop_padding: int = _opt(4, "random crop after zero padding by this many pixels; 0 = off")
@@ -186,7 +181,6 @@ _NON_NEGATIVE = (
     "mixup",
     "cutmix",
     "drop_path",
-    "unmasked_tuning",
     "crop_padding",
     "randaugment_ops",
     "randaugment_magnitude",
@@ -201,14 +195,7 @@ _NON_NEGATIVE = (
     "synthetic_val",
     "seed",
 )
-_BELOW_ONE = (
-    "label_smoothing",
-    "drop_path",
-    "unmasked_tuning",
-    "rollout_discard_ratio",
-    "ema_decay",
-    "beta2",
-)
+_BELOW_ONE = ("label_smoothing", "drop_path", "rollout_discard_ratio", "ema_decay", "beta2")
 
 
 def _fields() -> dict[str, Any]:
@@ -915,7 +902,6 @@ class _Progress:
     best: float = -math.inf
     best_step: int = -1
     skipped_steps: int = 0  # fp16: steps the GradScaler skipped (inf/NaN gradients)
-    unmasked_from: int = -1  # --unmasked-tuning: the step that turned patch dropout off
 
 
 class Trainer:
@@ -948,18 +934,6 @@ class Trainer:
                 f"lower --batch-size"
             )
         self.model = self.task.build_model().to(self.device)
-        from vit.layers import PatchDropout
-
-        # (module, its rate): --unmasked-tuning sets the rate to 0 for the schedule's last share.
-        self._patch_drops = [
-            (m, m.p) for m in self.model.modules() if isinstance(m, PatchDropout) and m.p > 0
-        ]
-        if cfg.unmasked_tuning > 0 and not self._patch_drops:
-            raise ConfigError(
-                f"--unmasked-tuning {cfg.unmasked_tuning:g} turns off patch dropout, but model "
-                f"{cfg.model!r} has none; add patch_drop_rate to --model-args (e.g. "
-                f"'{{patch_drop_rate: 0.5}}') or drop --unmasked-tuning"
-            )
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         nwd = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
@@ -1155,10 +1129,6 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self._patch_drops and p.unmasked_from < 0 and p.step >= self._unmasked_from():
-            p.unmasked_from = p.step  # fixed from now on, whatever later fits do to the schedule
-        for module, rate in self._patch_drops:
-            module.p = rate if p.unmasked_from < 0 else 0.0
         batch = self.task.prepare_batch(batch, self.device)
         with self.autocast:
             loss = self.task.loss(self.train_model, batch, p.step)
@@ -1185,15 +1155,6 @@ class Trainer:
             self.check_finite()
         p.step += 1
         return {"loss": value, "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped)}
-
-    def _unmasked_from(self) -> int:
-        """The first step trained without patch dropout (--unmasked-tuning)."""
-        p = self.progress
-        return (
-            p.unmasked_from
-            if p.unmasked_from >= 0
-            else round((1 - self.cfg.unmasked_tuning) * p.total_steps)
-        )
 
     def check_finite(self) -> None:
         """Raise :class:`Diverged` naming the first step since the last check whose loss (or,
@@ -1252,15 +1213,7 @@ class Trainer:
         margin = 0.03 * cfg.time_limit * 60 + 2.0
         budget = remaining - margin - epoch_end
         per_step = step_time + epoch_end / (self.steps_per_epoch * cfg.val_every)
-        # Before --unmasked-tuning starts, its share of the S steps is priced at 1/(1-rate)
-        # times a step timed with patch dropout, as if all the work scaled with the tokens (an
-        # overestimate: the loader and optimiser do not; the fit after its first steps corrects
-        # it): budget = per_step * (S - step) + step_time * (slower - 1) * share * S.
-        extra = 0.0
-        if cfg.unmasked_tuning > 0 and p.unmasked_from < 0:
-            slower = 1 / (1 - max(rate for _, rate in self._patch_drops))
-            extra = step_time * (slower - 1) * cfg.unmasked_tuning
-        steps = max(p.step + 1, int((budget + per_step * p.step) / (per_step + extra)))
+        steps = max(p.step + 1, p.step + int(budget / per_step))
         p.total_steps = min(steps, cfg.epochs * self.steps_per_epoch)
         p.warmup_steps = min(p.warmup_steps, p.total_steps // 5)
         if self.world_size > 1:
@@ -1348,8 +1301,7 @@ class Trainer:
         # --time-limit: fit the schedule from steps 2-12 (step 0 pays for torch.compile), then
         # again at each epoch end in the first 90% of it, from the steps since the last fit and
         # the last measured validation and checkpoint time, so a machine that slows down midway
-        # still ends on time; with --unmasked-tuning, once more from its steps 2-12 (they cost
-        # more). A resumed run keeps its schedule.
+        # still ends on time. A resumed run keeps its schedule.
         timed = cfg.time_limit > 0 and self.resumed_from is None
         fit_at = p.step + 12 if timed else -1
         t_fit, step_fit, epoch_end = None, 0, None
@@ -1371,15 +1323,13 @@ class Trainer:
                     self._data_clock.take()
                     for batch in self._data_clock.iterate(self.train_loader):
                         stats = self.train_step(batch)
-                        if timed and p.step == p.unmasked_from + 1:
-                            fit_at = p.step + 11  # refit from unmasked steps 2-12
                         p.batch_in_epoch += 1
                         seen += cfg.batch_size
                         bar.update()
                         if p.step == fit_at - 10:
                             t_fit, step_fit = time.monotonic(), p.step
                         elif p.step == fit_at and t_fit is not None:
-                            self._fit_schedule((time.monotonic() - t_fit) / 10, epoch_end)
+                            self._fit_schedule((time.monotonic() - t_fit) / 10)
                         if p.step % cfg.log_every == 0:
                             self.check_finite()
                             stats = {k: float(v) for k, v in stats.items()}
@@ -1399,14 +1349,11 @@ class Trainer:
                     t_end = time.monotonic()
                     if self._end_epoch(writer):
                         epoch_end = time.monotonic() - t_end
-                    # Refits time steps with patch dropout, so none after --unmasked-tuning starts.
-                    if timed and p.step < min(0.9 * p.total_steps, self._unmasked_from()):
+                    if timed and p.step < 0.9 * p.total_steps:
                         if t_fit is None:  # an epoch shorter than the first fit's 12 steps
                             t_fit, step_fit = self.t_train, 0
                         self._fit_schedule((t_end - t_fit) / (p.step - step_fit), epoch_end)
                         t_fit, step_fit, fit_at = time.monotonic(), p.step, -1
-                    elif fit_at > p.step and t_fit is not None:
-                        t_fit += time.monotonic() - t_end  # time steps, not the epoch end
                     self._check_signal()
             if writer is not None:
                 writer.add_hparams(
