@@ -150,11 +150,7 @@ class VisionTransformer(nn.Module):
             prefix = torch.zeros(self.num_prefix_tokens, d)
             self.register_buffer("pos_embed", torch.cat([prefix, fixed])[None], persistent=False)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        self.patch_drop = (
-            PatchDropout(cfg.patch_drop_rate, self.num_prefix_tokens)
-            if cfg.patch_drop_rate > 0
-            else nn.Identity()
-        )
+        self.patch_drop = PatchDropout(cfg.patch_drop_rate, self.num_prefix_tokens)
         # On CPU explicitly, so that models can be built under `with torch.device("meta")`.
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
