@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from vit.data import (
     DeviceLoader,
@@ -20,6 +21,7 @@ from vit.data import (
     augment_batch,
     build_transform,
     make_loader,
+    reseed,
     sample_seed,
     uniform_ints,
 )
@@ -41,7 +43,7 @@ def _cpu_sample(ds: ImageDataset, policy: dict[str, Any], seed: int, epoch: int,
     transform = build_transform(ds.img_size, **policy)
     transform.save_applied_params = True
     # The same reseeding as ImageDataset.__getitem__ does for the key (epoch, index).
-    transform.set_random_seed(sample_seed(seed, epoch, index))
+    reseed(transform, sample_seed(seed, epoch, index))
     out = transform(image=ds.images[index].numpy())
     applied = dict(out["applied_transforms"])
     params: dict[str, Any] = {}
@@ -119,7 +121,7 @@ def test_parameter_distributions_match_albumentations() -> None:
     image = ds.images[0].numpy()
     cpu = []
     for i in range(1500):
-        transform.set_random_seed(sample_seed(1, 0, i))
+        reseed(transform, sample_seed(1, 0, i))
         cpu.append(dict(transform(image=image)["applied_transforms"]))
     cpu_crop = torch.tensor([a["RandomCrop"]["crop_coords"][:2] for a in cpu])
     cpu_flip = torch.tensor(["HorizontalFlip" in a for a in cpu])
@@ -138,6 +140,45 @@ def test_parameter_distributions_match_albumentations() -> None:
         assert not torch.equal(dev_v[:, 0], dev_v[:, 1])
     for flips, count in ((dev["flip"], n), (cpu_flip, len(cpu))):
         assert abs(flips.double().mean().item() - 0.5) < 5 * (0.25 / count) ** 0.5
+
+
+def _chi2_independence(a: Tensor, b: Tensor) -> tuple[float, int]:
+    """Pearson's chi-squared statistic for the independence of two integer samples, and its
+    degrees of freedom."""
+    table = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64)
+    table.index_put_((a.long(), b.long()), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    return ((table - expected) ** 2 / expected).sum().item(), (table.shape[0] - 1) * (
+        table.shape[1] - 1
+    )
+
+
+def test_augmentation_parameters_are_independent_draws() -> None:
+    """Crop x, crop y, flip and the cutout corner are drawn independently of each other on both
+    paths. Seeding each albumentations transform alike (Compose.set_random_seed) made the flip
+    follow the crop: 90 of the 162 crop + flip combinations, and weaker augmentation than asked."""
+    size, pad, cut, n = 16, 4, 6, 3000
+    policy = {"crop_padding": pad, "hflip": True, "cutout": cut}
+    ds = _dataset(2, size=size)
+    loader = DeviceLoader(ds, 2, device="cpu", seed=1, shuffle=True, drop_last=True, **policy)
+    p = loader.params(epoch=0, index=torch.arange(n))
+    dev = [p["crop_xy"][:, 0], p["crop_xy"][:, 1], p["flip"], p["cutout_xy"][:, 0]]
+    transform = build_transform(size, **policy)
+    transform.save_applied_params = True
+    cpu_params = []
+    for i in range(n):
+        reseed(transform, sample_seed(1, 0, i))  # what ImageDataset does for the key (0, i)
+        applied = dict(transform(image=ds.images[0].numpy())["applied_transforms"])
+        x0, y0 = applied["RandomCrop"]["crop_coords"][:2]
+        hole_x = int(applied["CoarseDropout"]["holes"][0, 0])
+        cpu_params.append((x0, y0, "HorizontalFlip" in applied, hole_x))
+    cpu = list(torch.tensor(cpu_params).T)
+    for name, draws in (("device", dev), ("cpu", cpu)):
+        assert len({tuple(row) for row in torch.stack(draws[:3], 1).tolist()}) == 9 * 9 * 2
+        for i in range(len(draws)):
+            for j in range(i + 1, len(draws)):
+                chi2, dof = _chi2_independence(draws[i], draws[j])
+                assert chi2 < dof + 6 * (2 * dof) ** 0.5, (name, i, j, chi2, dof)
 
 
 def test_uniform_ints_are_uniform_and_decorrelated() -> None:

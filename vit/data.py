@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 import signal
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ __all__ = [
     "cifar10",
     "image_folder",
     "make_loader",
+    "reseed",
     "sample_seed",
     "synthetic",
     "uniform_ints",
@@ -63,6 +65,14 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def reseed(transform: A.Compose, seed: int) -> None:
+    """Seed an albumentations pipeline for one sample: one numpy and one Python generator, shared
+    by all its transforms, which draw from them in turn. (``Compose.set_random_seed`` gives each
+    transform its own generators seeded alike, so their draws coincide: the flip then follows the
+    crop, and crop + flip take 90 of their 162 combinations.)"""
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -124,7 +134,7 @@ class ImageDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (None, key)
         img = self.images[index]
         if self.transform is not None and epoch is not None:
-            self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
+            reseed(self.transform, sample_seed(self.seed, epoch, index))
             img = torch.from_numpy(np.ascontiguousarray(self.transform(image=img.numpy())["image"]))
         return img.permute(2, 0, 1).contiguous(), int(self.labels[index])  # (3, H, W) uint8
 
