@@ -3,6 +3,7 @@ exact resume after SIGTERM, checkpoints, the rollout hook, evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -255,8 +256,12 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return {**ckpt["model"], **{f"ema.{k}": v for k, v in ckpt["ema"].items()}}
 
 
-def test_sigterm_saves_and_resume_is_exact(tmp_path: Path, sigterm_at_step, capsys) -> None:
-    """Mixup/cutmix, randaugment, drop path and EMA all on: every source of randomness."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigterm_saves_and_resume_is_exact(
+    tmp_path: Path, sigterm_at_step, capsys, optimizer: str
+) -> None:
+    """Mixup/cutmix, randaugment, drop path, patch dropout and EMA all on: every source of
+    randomness; with either optimizer's state."""
     from vit.train import ClassificationTask
 
     recipe = {
@@ -267,8 +272,10 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path: Path, sigterm_at_step, caps
         "randaugment_ops": 2,
         "cutout": 4,
         "drop_path": 0.2,
+        "model_args": {**TINY["model_args"], "patch_drop_rate": 0.5},
         "ema": True,
         "ema_decay": 0.9,
+        "optimizer": optimizer,
     }
     assert main(flags({**recipe, "out_dir": str(tmp_path / "a")})) == 0
     disarm = sigterm_at_step(ClassificationTask, 11)  # mid-epoch (8 steps per epoch)
@@ -351,6 +358,24 @@ def test_refuses_pickles_that_run_code(tmp_path: Path, capsys) -> None:
     assert evaluate.main(["--checkpoint", str(tmp_path / "evil.pt")]) == 2
     captured = capsys.readouterr()
     assert "would run code" in captured.err and "should-not-run" not in captured.out
+
+
+def test_mirror_test_time_augmentation_averages_the_two_softmaxes(tmp_path: Path) -> None:
+    t = Trainer(tiny(tmp_path, epochs=2, tta_hflip=True))
+    t.fit()
+    model = t.eval_model().eval()
+    correct, nll, n = 0, 0.0, 0
+    with torch.no_grad():
+        for batch in t.val_loader:
+            x, y = t.task.prepare_batch(batch, t.device)
+            probs = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+            correct += (probs.argmax(-1) == y).sum().item()
+            nll -= probs[torch.arange(len(y)), y].log().sum().item()
+            n += len(y)
+    metrics = t.validate()
+    assert metrics["top1"] == correct / n and metrics["loss"] == pytest.approx(nll / n, rel=1e-5)
+    plain = Trainer(dataclasses.replace(t.cfg, tta_hflip=False, resume="auto"))
+    assert plain.validate()["loss"] != pytest.approx(metrics["loss"])  # the same weights
 
 
 def test_evaluate_matches_training_metrics(tmp_path: Path, capsys) -> None:

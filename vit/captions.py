@@ -751,6 +751,7 @@ class CaptionTask(Task):
             "cutmix": cfg.cutmix,
             "randaugment_ops": cfg.randaugment_ops,
             "cutout": cfg.cutout,
+            "tta_hflip": cfg.tta_hflip,
         }
         on = [k for k, v in unused.items() if v > 0]
         if on:

@@ -113,12 +113,18 @@ class RunConfig:
     )
     epochs: int = _opt(10, "epochs (with --time-limit: the most epochs the schedule may take)")
     batch_size: int = _opt(128, "images per optimiser step")
-    lr: float = _opt(1e-3, "peak learning rate of AdamW")
+    optimizer: Literal["adamw", "muon"] = _opt(
+        "adamw",
+        "muon: Muon (Jordan et al. 2024; vit.optim) on the blocks' weight matrices, AdamW on "
+        "embeddings, head, norms and biases, one lr for both (Muon's updates are scaled to "
+        "AdamW's RMS)",
+    )
+    lr: float = _opt(1e-3, "peak learning rate")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
     weight_decay: float = _opt(
         0.05, "AdamW decoupled weight decay (not on norms/biases/embeddings)"
     )
-    beta2: float = _opt(0.999, "AdamW beta2")
+    beta2: float = _opt(0.999, "AdamW beta2 (also of Muon's AdamW part)")
     warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this; 0 = off")
     label_smoothing: float = _opt(0.1, "label smoothing (also applied to mixup targets)")
@@ -129,6 +135,9 @@ class RunConfig:
     ema_decay: float = _opt(0.999, "EMA decay (warmed up from 0, so short runs work)")
     crop_padding: int = _opt(4, "random crop after zero padding by this many pixels; 0 = off")
     hflip: bool = _opt(True, "random horizontal flip")
+    tta_hflip: bool = _opt(
+        False, "classify: validate on each image and its mirror image, averaging the softmaxes"
+    )
     randaugment_ops: int = _opt(0, "RandAugment-style operations per image; 0 = off")
     randaugment_magnitude: float = _opt(9.0, "RandAugment magnitude, 0-10")
     cutout: int = _opt(0, "cutout square side in pixels; 0 = off")
@@ -647,6 +656,11 @@ class ClassificationTask(Task):
         for batch in loader:
             x, y = self.prepare_batch(batch, device)
             logits = model(x).float()
+            if self.cfg.tta_hflip:  # test-time augmentation: log of the mean of the two softmaxes
+                mirror = model(x.flip(-1)).float()
+                logits = torch.logaddexp(logits.log_softmax(-1), mirror.log_softmax(-1)) - math.log(
+                    2
+                )
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
             n += len(y)
@@ -939,11 +953,22 @@ class Trainer:
         nwd = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
         from timm.optim import param_groups_weight_decay
 
-        groups = param_groups_weight_decay(self.model, cfg.weight_decay, no_weight_decay_list=nwd)
+        # Muon orthogonalises the updates of hidden weight matrices only: the input and output
+        # layers stay with AdamW (Jordan et al. 2024), as do 1-D parameters.
+        fallback = ("*patch_embed.*", "*token_embed.*", "head.*") if cfg.optimizer == "muon" else ()
+        groups = param_groups_weight_decay(
+            self.model, cfg.weight_decay, no_weight_decay_list=nwd, fallback_list=fallback
+        )
+        betas = (0.9, cfg.beta2)
         # On CUDA one fused kernel updates every parameter (the foreach default launches several
         # per group); the results agree to rounding.
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused)
+        if cfg.optimizer == "muon":
+            from vit.optim import Muon
+
+            self.optimizer = Muon(groups, lr=cfg.lr, betas=betas)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
         if fused:
             torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in fp32
             torch.backends.cudnn.allow_tf32 = True

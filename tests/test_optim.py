@@ -1,0 +1,117 @@
+"""vit.optim.Muon: its AdamW part is torch's AdamW, its Muon part is timm's Muon computed in
+float32, and the engine routes the blocks' matrices to Muon and the rest to AdamW."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm.optim
+import torch
+
+from vit.optim import Muon
+from vit.train import Trainer, make_config
+
+
+def _train(make, steps: int = 4) -> list[torch.Tensor]:
+    """Parameters (a matrix, a fallback matrix, a vector) after ``steps`` seeded steps."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((96, 32), (10, 32), (32,))]
+    opt = make(
+        [
+            {"params": params[:1], "weight_decay": 0.05},
+            {"params": params[1:2], "weight_decay": 0.05, "use_fallback": True},
+            {"params": params[2:], "weight_decay": 0.0},
+        ]
+    )
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def test_adamw_part_is_torch_adamw() -> None:
+    ours = _train(lambda groups: Muon(groups, lr=0.01, betas=(0.9, 0.99)))
+    ref = _train(lambda groups: torch.optim.AdamW(groups, lr=0.01, betas=(0.9, 0.99)))
+    for i in (1, 2):  # the fallback matrix and the vector
+        torch.testing.assert_close(ours[i], ref[i], rtol=0, atol=1e-6)
+    assert (ours[0] - ref[0]).abs().max() > 1e-3  # the matrix is not AdamW's
+
+
+def test_muon_part_is_timms_muon_in_float32() -> None:
+    start = _train(lambda groups: Muon(groups, lr=0.0), steps=1)[0]
+    ours = _train(lambda groups: Muon(groups, lr=0.02))[0]
+    ref = _train(  # timm iterates in bfloat16: the two agree to its rounding
+        lambda groups: timm.optim.Muon(
+            groups, lr=0.02, weight_decay=0.0, nesterov=True, ns_coefficients="original"
+        )
+    )[0]
+    moved = (ref - start).abs().max()
+    assert (ours - ref).abs().max() < 0.02 * moved
+
+
+def test_a_muon_update_is_orthogonalised() -> None:
+    p = torch.nn.Parameter(torch.zeros(96, 32))
+    opt = Muon([p], lr=1.0, momentum=0.0)
+    p.grad = torch.randn(96, 32) @ torch.diag(torch.logspace(0, 2, 32))  # condition number 100
+    opt.step()
+    singular = torch.linalg.svdvals(-p.detach() / (0.2 * 96**0.5))
+    assert singular.min() > 0.6 and singular.max() < 1.25  # Newton-Schulz's band around 1
+
+
+def test_engine_routes_matrices_to_muon(tmp_path: Path) -> None:
+    cfg = make_config(
+        {
+            "data": "synthetic",
+            "synthetic_train": 128,
+            "synthetic_val": 32,
+            "img_size": 16,
+            "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+            "batch_size": 16,
+            "epochs": 4,
+            "rollout_every": 0,
+            "device": "cpu",
+            "optimizer": "muon",
+            "lr": 0.003,
+            "out_dir": str(tmp_path / "run"),
+        }
+    )
+    t = Trainer(cfg)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    muon = {
+        names[id(p)] for g in t.optimizer.param_groups for p in g["params"] if Muon.uses_muon(g, p)
+    }
+    assert muon == {
+        f"blocks.{i}.{w}.weight"
+        for i in range(2)
+        for w in ("attn.to_qkv", "attn.to_out", "mlp.fc1", "mlp.fc2")
+    }
+    first = t.validate()["loss"]
+    assert t.fit()["loss"] < first - 0.1  # 2.30 -> 2.13
+    assert any("momentum_buffer" in s for s in t.optimizer.state.values())
+
+
+@pytest.mark.parametrize("bad", ["sgd", "Muon"])
+def test_unknown_optimizer_is_a_config_error(bad: str) -> None:
+    from vit.train import ConfigError
+
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        make_config({"optimizer": bad})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_iterates_in_bfloat16_and_agrees_with_the_cpu() -> None:
+    def on(device: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(96, 32, generator=g).to(device))
+        opt = Muon([p], lr=0.02)
+        for _ in range(3):
+            p.grad = torch.randn(96, 32, generator=g).to(device)
+            opt.step()
+        return p.detach().cpu()
+
+    start = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    cpu, cuda = on("cpu"), on("cuda")
+    assert 0 < (cuda - cpu).abs().max() < 0.02 * (cpu - start).abs().max()
