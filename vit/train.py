@@ -657,10 +657,8 @@ class ClassificationTask(Task):
             x, y = self.prepare_batch(batch, device)
             logits = model(x).float()
             if self.cfg.tta_hflip:  # test-time augmentation: log of the mean of the two softmaxes
-                mirror = model(x.flip(-1)).float()
-                logits = torch.logaddexp(logits.log_softmax(-1), mirror.log_softmax(-1)) - math.log(
-                    2
-                )
+                pair = torch.stack([logits, model(x.flip(-1)).float()]).log_softmax(-1)
+                logits = pair.logsumexp(0) - math.log(2)
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
             n += len(y)
