@@ -41,15 +41,22 @@ def _argv(out: Path, **extra: object) -> list[str]:
 
 
 # ~25 s each on 2 cores; the device loader's rank shares are also checked in-process below.
-@pytest.mark.parametrize("loader", ["cpu", pytest.param("device", marks=pytest.mark.slow)])
-def test_two_gloo_processes_match_one_process(tmp_path: Path, loader: str, capsys) -> None:
-    assert main(_argv(tmp_path / "single", loader=loader)) == 0
+# Muon: the two ranks split the Newton-Schulz iterations and exchange the results.
+@pytest.mark.parametrize(
+    ("loader", "optimizer"),
+    [("cpu", "adamw"), ("cpu", "muon"), pytest.param("device", "adamw", marks=pytest.mark.slow)],
+)
+def test_two_gloo_processes_match_one_process(
+    tmp_path: Path, loader: str, optimizer: str, capsys
+) -> None:
+    extra = {"loader": loader, "optimizer": optimizer}
+    assert main(_argv(tmp_path / "single", **extra)) == 0
     single_result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*cmd, str(ROOT / "train.py"), *_argv(tmp_path / "ddp", loader=loader)],
+        [*cmd, str(ROOT / "train.py"), *_argv(tmp_path / "ddp", **extra)],
         capture_output=True,
         text=True,
         env=env,

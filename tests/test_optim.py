@@ -7,7 +7,7 @@ import pytest
 import timm.optim
 import torch
 
-from vit.optim import Muon
+from vit.optim import Muon, split_by_cost
 from vit.train import make_config
 
 
@@ -56,6 +56,18 @@ def test_a_muon_update_is_orthogonalised() -> None:
     opt.step()
     singular = torch.linalg.svdvals(-p.detach() / (0.2 * 96**0.5))
     assert singular.min() > 0.6 and singular.max() < 1.25  # Newton-Schulz's band around 1
+
+
+def test_ranks_split_the_iterations_evenly() -> None:
+    # One block of the CPU recipe's ViT (qkv, proj, fc1, fc2), six times.
+    shapes = [torch.Size(s) for s in ((384, 128), (128, 128), (256, 128), (128, 256))] * 6
+    assert split_by_cost(shapes, 1) == [list(range(24))]
+    shares = split_by_cost(shapes, 2)
+    assert sorted(shares[0] + shares[1]) == list(range(24))
+    # Each rank: three qkv, three proj and six of the MLP's (equally costly) matrices.
+    for kinds, count in (({0}, 3), ({1}, 3), ({2, 3}, 6)):
+        assert [sum(i % 4 in kinds for i in share) for share in shares] == [count, count]
+    assert split_by_cost(shapes[:1], 3) == [[0], [], []]
 
 
 @pytest.mark.parametrize("bad", ["sgd", "Muon"])

@@ -964,7 +964,9 @@ class Trainer:
         if cfg.optimizer == "muon":
             from vit.optim import Muon
 
-            self.optimizer = Muon(groups, lr=cfg.lr, betas=betas)
+            # Under DDP the ranks split the Newton-Schulz iterations (vit.optim.Muon).
+            group = torch.distributed.group.WORLD if self.world_size > 1 else None
+            self.optimizer = Muon(groups, lr=cfg.lr, betas=betas, process_group=group)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
         if fused:
