@@ -901,6 +901,34 @@ class _WaitClock:
         return seconds
 
 
+def build_optimizer(
+    model: nn.Module, cfg: RunConfig, *, distributed: bool = False
+) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over timm's parameter groups (no weight decay on norms, biases and the
+    model's ``no_weight_decay()``), at ``cfg.lr``; the scheduler sets each step's lr.
+    ``distributed``: the default process group's ranks hold DDP-averaged gradients."""
+    nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    from timm.optim import param_groups_weight_decay
+
+    # Muon orthogonalises the updates of hidden weight matrices only: the input and output
+    # layers stay with AdamW (Jordan et al. 2024), as do 1-D parameters.
+    fallback = ("*patch_embed.*", "*token_embed.*", "head.*") if cfg.optimizer == "muon" else ()
+    groups = param_groups_weight_decay(
+        model, cfg.weight_decay, no_weight_decay_list=nwd, fallback_list=fallback
+    )
+    betas = (0.9, cfg.beta2)
+    if cfg.optimizer == "muon":
+        from vit.optim import Muon
+
+        # Under DDP the ranks split the Newton-Schulz iterations (vit.optim.Muon).
+        group = torch.distributed.group.WORLD if distributed else None
+        return Muon(groups, lr=cfg.lr, betas=betas, process_group=group)
+    # On CUDA one fused kernel updates every parameter (the foreach default launches several
+    # per group); the results agree to rounding.
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -948,28 +976,8 @@ class Trainer:
         self.model = self.task.build_model().to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        nwd = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        from timm.optim import param_groups_weight_decay
-
-        # Muon orthogonalises the updates of hidden weight matrices only: the input and output
-        # layers stay with AdamW (Jordan et al. 2024), as do 1-D parameters.
-        fallback = ("*patch_embed.*", "*token_embed.*", "head.*") if cfg.optimizer == "muon" else ()
-        groups = param_groups_weight_decay(
-            self.model, cfg.weight_decay, no_weight_decay_list=nwd, fallback_list=fallback
-        )
-        betas = (0.9, cfg.beta2)
-        # On CUDA one fused kernel updates every parameter (the foreach default launches several
-        # per group); the results agree to rounding.
-        fused = self.device.type == "cuda"
-        if cfg.optimizer == "muon":
-            from vit.optim import Muon
-
-            # Under DDP the ranks split the Newton-Schulz iterations (vit.optim.Muon).
-            group = torch.distributed.group.WORLD if self.world_size > 1 else None
-            self.optimizer = Muon(groups, lr=cfg.lr, betas=betas, process_group=group)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
-        if fused:
+        self.optimizer = build_optimizer(self.model, cfg, distributed=self.world_size > 1)
+        if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in fp32
             torch.backends.cudnn.allow_tf32 = True
             # cuDNN's fused attention backward returns NaN gradients on Hopper GPUs in known
