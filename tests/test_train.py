@@ -393,6 +393,10 @@ def test_mirror_test_time_augmentation_averages_the_two_softmaxes(tmp_path: Path
     assert metrics["top1"] == correct / n and metrics["loss"] == pytest.approx(nll / n, rel=1e-5)
     plain = Trainer(dataclasses.replace(t.cfg, tta_hflip=False, resume="auto"))
     assert plain.validate()["loss"] != pytest.approx(metrics["loss"])  # the same weights
+    # vit.evaluate follows the run's setting, or the flag.
+    last = str(Path(t.cfg.out_dir) / "last.pt")
+    assert evaluate.evaluate_checkpoint(last) == pytest.approx(metrics)
+    assert evaluate.evaluate_checkpoint(last, tta_hflip=False) == pytest.approx(plain.validate())
 
 
 def test_evaluate_matches_training_metrics(tmp_path: Path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""``python -m vit.evaluate --checkpoint PATH --data NAME [--data-dir DIR] [--split val|test]``.
+"""``python -m vit.evaluate --checkpoint PATH [--data NAME] [--data-dir DIR] [--split val|test]``.
 
 Rebuilds the task and model stored in a training checkpoint, evaluates a split and prints one JSON
 object as the last line, e.g. ``{"top1": 0.81, "loss": 0.55, "n": 10000}``. Exit code 2 with a
@@ -7,6 +7,7 @@ one-line message on bad input.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
@@ -37,10 +38,13 @@ def evaluate_checkpoint(
     device: str = "auto",
     weights: Literal["ema", "model"] = "ema",
     amp: Literal["bf16", "fp16", "off"] = "off",
+    tta_hflip: bool | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on a split; ``data``/``data_dir`` default to the training run's.
 
     ``weights="ema"`` uses the EMA weights when the checkpoint has them (what training validated).
+    ``tta_hflip``: average each image's softmax with its mirror image's (default: as the run
+    validated).
     """
     from vit.data import make_loader
 
@@ -50,6 +54,8 @@ def evaluate_checkpoint(
         values["data"] = data
     if data_dir is not None:
         values["data_dir"] = data_dir
+    if tta_hflip is not None:
+        values["tta_hflip"] = tta_hflip
     values.update(resume="", device=device)
     cfg = make_config(values)
     task = get_task(cfg.task)(cfg, ckpt["task_state"])
@@ -84,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         help="EMA weights when the checkpoint has them (default), or the raw model",
     )
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off")
+    p.add_argument(
+        "--tta-hflip",
+        action=argparse.BooleanOptionalAction,
+        help="average each image's softmax with its mirror image's (default: as the run did)",
+    )
     try:
         args = p.parse_args(argv)
         if args.batch_size <= 0:
