@@ -36,7 +36,12 @@ from benchmarks.machine import describe_cpu
 from vit.models import create_model
 from vit.train import RunConfig, build_optimizer, load_config, make_config
 
-DDP_VARIANTS = ("AdamW", "ours, each rank all matrices", "ours, split over the ranks")
+# name: (optimizer, whether the ranks split Muon's Newton-Schulz iterations)
+DDP_VARIANTS = {
+    "AdamW": ("adamw", False),
+    "ours, each rank all matrices": ("muon", False),
+    "ours, split over the ranks": ("muon", True),
+}
 
 
 def _model(cfg: RunConfig) -> torch.nn.Module:
@@ -57,7 +62,9 @@ def _optimizer_step_ms(opt: torch.optim.Optimizer, model: torch.nn.Module, steps
     return statistics.median(times) * 1e3
 
 
-def _rank(rank: int, port: int, cfg: RunConfig, rounds: int, steps: int, out: mp.SimpleQueue):
+def _rank(
+    rank: int, port: int, cfg: RunConfig, rounds: int, steps: int, out: mp.SimpleQueue
+) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -67,10 +74,9 @@ def _rank(rank: int, port: int, cfg: RunConfig, rounds: int, steps: int, out: mp
     x, y = torch.randn(share, 3, cfg.img_size, cfg.img_size), torch.randint(0, 10, (share,))
     times: dict[str, list[float]] = {v: [] for v in DDP_VARIANTS}
     for _ in range(rounds):
-        for variant in DDP_VARIANTS:
-            name = "adamw" if variant == "AdamW" else "muon"
-            run_cfg = dataclasses.replace(cfg, optimizer=name)
-            opt = build_optimizer(model, run_cfg, distributed=variant.endswith("ranks"))
+        for variant, (optimizer, split) in DDP_VARIANTS.items():
+            run_cfg = dataclasses.replace(cfg, optimizer=optimizer)
+            opt = build_optimizer(model, run_cfg, distributed=split)
             for i in range(steps + 2):
                 dist.barrier()
                 t0 = time.perf_counter()
