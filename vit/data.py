@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -31,6 +32,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
 
 __all__ = [
+    "RANDAUGMENT_OPS",
     "SYNTHETIC_CLASSES",
     "DataError",
     "DeviceLoader",
@@ -41,6 +43,8 @@ __all__ = [
     "cifar10",
     "image_folder",
     "make_loader",
+    "randaugment_batch",
+    "randaugment_params",
     "reseed",
     "sample_seed",
     "synthetic",
@@ -349,8 +353,27 @@ def split_indices(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tenso
 # ----------------------------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------------------------
+RANDAUGMENT_OPS = (
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "brightness",
+    "contrast",
+    "saturation",
+    "sharpen",
+    "posterize",
+    "solarize",
+    "equalize",
+    "autocontrast",
+)
+"""The operations of the RandAugment-style policy, in the order they apply (both paths)."""
+
+
 def _randaugment_ops(magnitude: float) -> list[A.BasicTransform]:
-    """RandAugment-style operations (Cubuk et al. 2020) at ``magnitude`` in [0, 10]."""
+    """RandAugment-style operations (Cubuk et al. 2020) at ``magnitude`` in [0, 10], one per name
+    of :data:`RANDAUGMENT_OPS`; :func:`randaugment_params` draws from the same ranges."""
     m = magnitude / 10.0
     return [
         A.Affine(rotate=(-30 * m, 30 * m), p=1.0),
@@ -550,13 +573,16 @@ def augment_batch(
     crop_padding: int = 0,
     crop_xy: Tensor | None = None,
     flip: Tensor | None = None,
+    randaugment: dict[str, Tensor] | None = None,
     cutout: int = 0,
     cutout_xy: Tensor | None = None,
 ) -> Tensor:
-    """Crop, flip and cutout a batch in one gather, with the CPU pipeline's semantics
+    """Crop, flip, RandAugment and cutout a batch with the CPU pipeline's semantics
     (:func:`build_transform`): zero padding by ``crop_padding`` then a crop at ``crop_xy``
-    (B, 2) ``(x, y)`` in padded coordinates, a horizontal flip where ``flip`` (B,) is true, then a
-    zero ``cutout``-pixel square with top-left corner ``cutout_xy`` (B, 2) ``(x, y)``.
+    (B, 2) ``(x, y)`` in padded coordinates, a horizontal flip where ``flip`` (B,) is true (crop
+    and flip are one gather), the RandAugment operations drawn in ``randaugment`` (see
+    :func:`randaugment_params` and :func:`randaugment_batch`), then a zero ``cutout``-pixel square
+    with top-left corner ``cutout_xy`` (B, 2) ``(x, y)``.
 
     ``images``: uint8 (B, H, W, 3), the dataset layout. Returns uint8 (B, 3, H, W).
     """
@@ -573,26 +599,206 @@ def augment_batch(
         cols = torch.where(flip[:, None], cols.flip(1), cols)
     # Padding is never materialised: out-of-image sources are clamped, then zeroed by the mask.
     keep = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    batch = torch.arange(b, device=dev)[:, None, None]
+    out = images[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+    out = rearrange(out * keep[..., None].to(out.dtype), "b h w c -> b c h w")
+    if randaugment is not None:
+        out = randaugment_batch(out, randaugment)
     if cutout > 0:
         if cutout_xy is None:
             raise ValueError("cutout > 0 needs cutout_xy, the (B, 2) corners of the squares")
         ry = torch.arange(h, device=dev) - cutout_xy[:, 1:]  # (B, H)
         rx = torch.arange(w, device=dev) - cutout_xy[:, :1]  # (B, W)
         hole = ((ry >= 0) & (ry < cutout))[:, :, None] & ((rx >= 0) & (rx < cutout))[:, None, :]
-        keep = keep & ~hole
-    batch = torch.arange(b, device=dev)[:, None, None]
-    out = images[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
-    out = out * keep[..., None].to(out.dtype)  # (B, H, W, 3)
-    return rearrange(out, "b h w c -> b c h w").contiguous()
+        out = out * ~hole[:, None]
+    return out.contiguous()
+
+
+# The uniform streams randaugment_params reads: one per operation to choose the operations, then
+# one per parameter.
+_RA_PARAMS = (
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "brightness",
+    "contrast",
+    "saturation",
+    "sharpen_alpha",
+    "sharpen_lightness",
+    "posterize_bits",
+    "solarize_threshold",
+)
+_RA_STREAMS = len(RANDAUGMENT_OPS) + len(_RA_PARAMS)
+
+
+def randaugment_params(u: Tensor, n: int, magnitude: float, img_size: int) -> dict[str, Tensor]:
+    """The RandAugment draws of a batch from uniforms ``u`` in [0, 1), float (B, 25): which
+    ``n`` of the :data:`RANDAUGMENT_OPS` each image gets (``"ops"``, bool (B, 13); ``n`` distinct,
+    uniformly, as albumentations' ``SomeOf``) and every operation's parameter (B,), in
+    albumentations' units and from the ranges of :func:`_randaugment_ops`: degrees for
+    ``rotate``/``shear_*``, whole pixels for ``translate_*`` (its ``int(fraction * size)``),
+    factors for ``brightness``/``contrast``/``saturation``, ``sharpen_alpha`` and
+    ``sharpen_lightness``, ``posterize_bits`` kept (int64), ``solarize_threshold`` in [0, 1]."""
+    if not 0 < n <= len(RANDAUGMENT_OPS):
+        raise ValueError(f"n must be in [1, {len(RANDAUGMENT_OPS)}], got {n}")
+    k = len(RANDAUGMENT_OPS)
+    # The n smallest of k i.i.d. uniforms: a uniformly random n-subset.
+    chosen = u[:, :k].argsort(dim=1)[:, :n]
+    ops = torch.zeros(u.shape[0], k, dtype=torch.bool, device=u.device).scatter_(1, chosen, True)
+    v = dict(zip(_RA_PARAMS, u[:, k:].unbind(1), strict=True))
+    m = magnitude / 10.0
+    bits_lo = max(1, round(8 - 4 * m))
+
+    def between(lo: float, hi: float, x: Tensor) -> Tensor:  # python's random.uniform(lo, hi)
+        return lo + (hi - lo) * x
+
+    jitter = (max(0.0, 1 - 0.9 * m), 1 + 0.9 * m)
+    return {
+        "ops": ops,
+        "rotate": between(-30 * m, 30 * m, v["rotate"]),
+        **{a: between(-17 * m, 17 * m, v[a]) for a in ("shear_x", "shear_y")},
+        **{
+            a: (between(-0.3 * m, 0.3 * m, v[a]) * img_size).trunc()
+            for a in ("translate_x", "translate_y")
+        },
+        **{a: between(*jitter, v[a]) for a in ("brightness", "contrast", "saturation")},
+        "sharpen_alpha": between(0.0, 0.9 * m, v["sharpen_alpha"]),
+        "sharpen_lightness": between(0.5, 1.0, v["sharpen_lightness"]),
+        "posterize_bits": bits_lo + (v["posterize_bits"] * (9 - bits_lo)).long(),
+        "solarize_threshold": between(1 - m, 1.0, v["solarize_threshold"]),
+    }
+
+
+def _warp(x: Tensor, lin: Tensor, shift: Tensor) -> Tensor:
+    """cv2.warpAffine (bilinear, zero border) about the image centre, as albumentations' Affine:
+    output pixel ``p`` samples the input at ``lin @ (p - c) + c - shift``; ``lin`` (B, 2, 2),
+    ``shift`` (B, 2) in pixels. Elementwise, so TF32 matmuls cannot blur the coordinates."""
+    _, _, h, w = x.shape
+    cx, cy = w / 2 - 0.5, h / 2 - 0.5
+    px = (torch.arange(w, device=x.device, dtype=x.dtype) - cx)[None, None, :]  # (1, 1, W)
+    py = (torch.arange(h, device=x.device, dtype=x.dtype) - cy)[None, :, None]  # (1, H, 1)
+    lin, shift = lin[..., None, None], shift[..., None, None]
+    sx = lin[:, 0, 0] * px + lin[:, 0, 1] * py + (cx - shift[:, 0])  # (B, H, W)
+    sy = lin[:, 1, 0] * px + lin[:, 1, 1] * py + (cy - shift[:, 1])
+    grid = torch.stack([sx * (2 / (w - 1)) - 1, sy * (2 / (h - 1)) - 1], -1)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.round()
+
+
+def _gray(x: Tensor) -> Tensor:
+    """OpenCV's RGB-to-gray of uint8 images (fixed point, 14 bits), on integral floats (B, H, W)."""
+    r, g, b = x.unbind(1)
+    return torch.floor((r * 4899 + g * 9617 + b * 1868 + 8192) / 16384)
+
+
+def _histogram_lut(x: Tensor, *, skip_top: bool) -> Tensor:
+    """Per-channel histogram equalisation (cv2.equalizeHist, albumentations' Equalize); with
+    ``skip_top`` albumentations' AutoContrast ("cdf"), whose histogram leaves out the value 255
+    (cv2.calcHist's range [0, 255)) and which maps it to 255. A constant channel stays as is."""
+    b, c, h, w = x.shape
+    v = x.reshape(b * c, h * w).long()
+    counted = (v < 255).to(x.dtype) if skip_top else torch.ones_like(v, dtype=x.dtype)
+    hist = torch.zeros(b * c, 256, dtype=x.dtype, device=x.device).scatter_add_(1, v, counted)
+    cum = hist.cumsum(1)
+    lo = (hist > 0).to(torch.uint8).argmax(1, keepdim=True)  # the first value present
+    base = cum.gather(1, lo)
+    span = cum[:, -1:] - base  # 0 for a constant channel
+    d = span.clamp(min=1)
+    # In float32, in each library's order of operations, so that halves round alike (a python
+    # number over a tensor would multiply by a rounded reciprocal).
+    lut = ((cum - base) * 255 / d) if skip_top else (cum - base) * (torch.full_like(d, 255) / d)
+    lut = lut.round()
+    return torch.where(span > 0, lut.gather(1, v), v.to(x.dtype)).reshape(b, c, h, w)
+
+
+def randaugment_batch(images: Tensor, params: dict[str, Tensor]) -> Tensor:
+    """The RandAugment operations of :func:`randaugment_params` on a batch, uint8 (B, 3, H, W):
+    each image gets its chosen operations in :data:`RANDAUGMENT_OPS` order (albumentations'
+    ``SomeOf`` applies them sorted), each with albumentations' arithmetic and uint8 rounding
+    between operations. Every operation runs on the whole batch and is kept where chosen, so
+    nothing waits on the device. The CPU pipeline gives the same pixels, up to an occasional
+    1-level rounding difference (rotation, shear, contrast, saturation)."""
+    x = images.float()
+    b = x.shape[0]
+    dev, f32 = x.device, x.dtype
+    eye = torch.eye(2, device=dev).expand(b, 2, 2)
+    no_shift = torch.zeros(b, 2, device=dev)
+
+    def per_image(t: Tensor) -> Tensor:
+        return t.to(f32)[:, None, None, None]
+
+    def rotate() -> Tensor:
+        r = torch.deg2rad(params["rotate"].to(f32))
+        cos, sin = r.cos(), r.sin()
+        return _warp(x, torch.stack([cos, -sin, sin, cos], 1).view(b, 2, 2), no_shift)
+
+    def shear(axis: int) -> Tensor:
+        lin = eye.clone()  # albumentations shears by minus the drawn angle; this inverts it
+        lin[:, axis, 1 - axis] = torch.tan(torch.deg2rad(params[("shear_x", "shear_y")[axis]]))
+        return _warp(x, lin, no_shift)
+
+    def translate(axis: int) -> Tensor:
+        shift = no_shift.clone()
+        shift[:, axis] = params[("translate_x", "translate_y")[axis]].to(f32)
+        return _warp(x, eye, shift)
+
+    def contrast() -> Tensor:
+        f = per_image(params["contrast"])
+        return torch.floor(x * f + _gray(x).mean((1, 2))[:, None, None, None] * (1 - f))
+
+    def saturation() -> Tensor:
+        f = per_image(params["saturation"])
+        return (x * f + _gray(x)[:, None] * (1 - f)).round()
+
+    def sharpen() -> Tensor:
+        # The kernel (1 - a) identity + a [[-1, -1, -1], [-1, 8 + lightness, -1], [-1, -1, -1]]
+        # with cv2's default border (reflect-101); the 3x3 sums are exact, where a convolution
+        # could run in TF32.
+        a, light = per_image(params["sharpen_alpha"]), per_image(params["sharpen_lightness"])
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        ring = F.avg_pool2d(padded, 3, stride=1, divisor_override=1) - x
+        return (x * (1 - a + a * (8 + light)) - a * ring).round()
+
+    def posterize() -> Tensor:
+        step = per_image(2 ** (8 - params["posterize_bits"]))
+        return torch.floor(x / step) * step
+
+    def solarize() -> Tensor:
+        threshold = per_image(torch.ceil(params["solarize_threshold"].double() * 255))
+        return torch.where(x >= threshold, 255 - x, x)
+
+    apply = {
+        "rotate": rotate,
+        "shear_x": lambda: shear(0),
+        "shear_y": lambda: shear(1),
+        "translate_x": lambda: translate(0),
+        "translate_y": lambda: translate(1),
+        "brightness": lambda: torch.floor(x * per_image(params["brightness"])),
+        "contrast": contrast,
+        "saturation": saturation,
+        "sharpen": sharpen,
+        "posterize": posterize,
+        "solarize": solarize,
+        "equalize": lambda: _histogram_lut(x, skip_top=False),
+        "autocontrast": lambda: _histogram_lut(x, skip_top=True),
+    }
+    chosen = params["ops"]
+    for i, name in enumerate(RANDAUGMENT_OPS):
+        x = torch.where(chosen[:, i, None, None, None], apply[name]().clamp(0, 255), x)
+    return x.to(torch.uint8)
 
 
 class DeviceLoader:
     """Batches of an in-memory :class:`ImageDataset`, held on ``device`` and augmented there.
 
     The uint8 images move to the device once; each batch is a gather plus :func:`augment_batch`
-    (random crop after zero padding, horizontal flip with p=0.5, cutout of one square fully inside
-    the image — the same distributions as the albumentations pipeline), with no worker processes,
-    which a CPU pipeline cannot match when feeding a small ViT on a GPU (the airbench approach).
+    (random crop after zero padding, horizontal flip with p=0.5, ``randaugment_ops`` operations of
+    the RandAugment-style policy, cutout of one square fully inside the image — the same
+    distributions as the albumentations pipeline of :func:`build_transform`), with no worker
+    processes, which a CPU pipeline cannot match when feeding a small ViT on a GPU (the airbench
+    approach).
     The order comes from :class:`EpochBatchSampler` (``loader.batch_sampler``, same permutation,
     resume point and DDP shares as :func:`make_loader`) and every random draw from
     :func:`uniform_ints` of ``(seed, epoch, index)``, so exact resume holds. Yields
@@ -610,6 +816,8 @@ class DeviceLoader:
         drop_last: bool,
         crop_padding: int = 0,
         hflip: bool = False,
+        randaugment_ops: int = 0,
+        randaugment_magnitude: float = 9.0,
         cutout: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -621,10 +829,16 @@ class DeviceLoader:
             )
         if cutout > dataset.img_size:
             raise ValueError(f"cutout {cutout} exceeds the image size {dataset.img_size}")
+        if not 0 <= randaugment_ops <= len(RANDAUGMENT_OPS):
+            raise ValueError(
+                f"randaugment_ops must be in [0, {len(RANDAUGMENT_OPS)}], got {randaugment_ops}"
+            )
         self.device = torch.device(device)
         self.images = dataset.images.to(self.device)  # uint8 (N, H, W, 3)
         self.labels = dataset.labels.to(self.device)
         self.seed, self.crop_padding, self.hflip, self.cutout = seed, crop_padding, hflip, cutout
+        self.randaugment_ops, self.randaugment_magnitude = randaugment_ops, randaugment_magnitude
+        self.img_size = dataset.img_size
         self.batch_sampler = EpochBatchSampler(
             len(dataset),
             batch_size,
@@ -634,12 +848,13 @@ class DeviceLoader:
             rank=rank,
             world_size=world_size,
         )
-        self._augment = shuffle and (crop_padding > 0 or hflip or cutout > 0)
-        # The streams of params(): crop x, crop y, flip, cutout x, cutout y; each draws from
-        # [0, high). Offsets 0..2p as RandomCrop of the padded image; CoarseDropout keeps the hole
-        # inside the image.
+        self._augment = shuffle and (crop_padding > 0 or hflip or randaugment_ops > 0 or cutout > 0)
+        # The streams of params(): crop x, crop y, flip, cutout x, cutout y, then RandAugment's;
+        # each draws from [0, high). Offsets 0..2p as RandomCrop of the padded image;
+        # CoarseDropout keeps the hole inside the image; RandAugment's are 24-bit uniforms.
         crop, hole = 2 * crop_padding + 1, dataset.img_size - cutout + 1
-        self._highs = torch.tensor([[crop], [crop], [2], [hole], [hole]], device=self.device)
+        highs = [crop, crop, 2, hole, hole] + [1 << 24] * (_RA_STREAMS if randaugment_ops else 0)
+        self._highs = torch.tensor(highs, device=self.device)[:, None]
         self._keys: tuple[int, Tensor] | None = None  # (epoch, the streams' keys)
 
     def __len__(self) -> int:
@@ -649,14 +864,19 @@ class DeviceLoader:
         """Augmentation parameters of samples ``index`` in ``epoch`` (see :func:`augment_batch`):
         every stream's :func:`uniform_ints` in one pass of a few kernels."""
         if self._keys is None or self._keys[0] != epoch:  # one small host-to-device copy an epoch
-            keys = [[_stream_key(self.seed, epoch, stream)] for stream in range(5)]
+            keys = [[_stream_key(self.seed, epoch, stream)] for stream in range(len(self._highs))]
             self._keys = (epoch, torch.tensor(keys, device=self.device))
-        draws = _hash_uniform(index[None], self._keys[1], self._highs)  # (5, B)
+        draws = _hash_uniform(index[None], self._keys[1], self._highs)  # (streams, B)
         out: dict[str, Any] = {"crop_padding": self.crop_padding, "cutout": self.cutout}
         if self.crop_padding > 0:
             out["crop_xy"] = draws[0:2].T
         if self.hflip:
             out["flip"] = draws[2].bool()
+        if self.randaugment_ops > 0:
+            u = draws[5:].T.float() / (1 << 24)  # exact: 24-bit integers
+            out["randaugment"] = randaugment_params(
+                u, self.randaugment_ops, self.randaugment_magnitude, self.img_size
+            )
         if self.cutout > 0:
             out["cutout_xy"] = draws[3:5].T
         return out

@@ -151,8 +151,9 @@ class RunConfig:
     threads: int = _opt(0, "CPU threads of torch (set_num_threads); 0 = torch's default")
     loader: Literal["auto", "cpu", "device"] = _opt(
         "auto",
-        "cpu: DataLoader + albumentations; device: images and crop/flip/cutout on the training "
-        "device (vit.data.DeviceLoader); auto: device on CUDA when the data and policy allow it",
+        "cpu: DataLoader + albumentations; device: images and the whole augmentation policy on "
+        "the training device (vit.data.DeviceLoader); auto: device on CUDA when the data is an "
+        "in-memory image set",
     )
     seed: int = _opt(0, "seed of initialisation, data order, augmentation, dropout")
     out_dir: str = _opt("", "run directory; '' = runs/<task>-<data>")
@@ -265,6 +266,14 @@ def make_config(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr ({cfg.min_lr}) must not exceed lr ({cfg.lr})")
+    if cfg.randaugment_ops > 0:
+        from vit.data import RANDAUGMENT_OPS
+
+        if cfg.randaugment_ops > len(RANDAUGMENT_OPS):
+            raise ConfigError(
+                f"randaugment_ops is at most {len(RANDAUGMENT_OPS)} (the policy's operations), "
+                f"got {cfg.randaugment_ops}"
+            )
     if cfg.randaugment_magnitude > 10:
         raise ConfigError(
             f"randaugment_magnitude is on a 0-10 scale, got {cfg.randaugment_magnitude}"
@@ -1025,8 +1034,8 @@ class Trainer:
         self._unchecked: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm)
 
     def _use_device_loader(self) -> bool:
-        """Resolve ``--loader``: the device loader needs in-memory images and a policy it can run
-        (crop, flip, cutout), and only pays off on CUDA (``auto``)."""
+        """Resolve ``--loader``: the device loader needs in-memory images batched without a collate
+        function, and only pays off on CUDA (``auto``)."""
         from vit.data import ImageDataset
 
         cfg = self.cfg
@@ -1035,8 +1044,6 @@ class Trainer:
             why = f"task {cfg.task!r} does not keep its data as an in-memory ImageDataset"
         elif self.collate is not None:
             why = f"task {cfg.task!r} collates its own batches"
-        elif cfg.randaugment_ops > 0:
-            why = "randaugment_ops > 0 (RandAugment runs on the CPU only)"
         if cfg.loader == "device" and why is not None:
             raise ConfigError(f"--loader device cannot be used: {why}; use --loader cpu or auto")
         return cfg.loader == "device" or (
@@ -1052,7 +1059,13 @@ class Trainer:
         shard = train or self.task.shards_evaluation
         ranks = {"rank": self.rank, "world_size": self.world_size} if shard else {}
         if self.device_loader:
-            policy = {"crop_padding": cfg.crop_padding, "hflip": cfg.hflip, "cutout": cfg.cutout}
+            policy = {
+                "crop_padding": cfg.crop_padding,
+                "hflip": cfg.hflip,
+                "randaugment_ops": cfg.randaugment_ops,
+                "randaugment_magnitude": cfg.randaugment_magnitude,
+                "cutout": cfg.cutout,
+            }
             return data.DeviceLoader(
                 ds,
                 batch_size,
