@@ -617,14 +617,7 @@ def augment_batch(
 # The uniform streams randaugment_params reads: one per operation to choose the operations, then
 # one per parameter.
 _RA_PARAMS = (
-    "rotate",
-    "shear_x",
-    "shear_y",
-    "translate_x",
-    "translate_y",
-    "brightness",
-    "contrast",
-    "saturation",
+    *RANDAUGMENT_OPS[:8],  # rotate ... saturation: one number each, named as the operation
     "sharpen_alpha",
     "sharpen_lightness",
     "posterize_bits",
