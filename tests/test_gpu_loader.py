@@ -111,10 +111,14 @@ def test_same_parameters_give_the_albumentations_pixels(policy: dict[str, Any]) 
 
 
 def _smooth_dataset(n: int, size: int = 16) -> ImageDataset:
-    """Half noise, half blurred noise: interpolation and histograms see both kinds of image."""
+    """Half noise, half blurred noise: interpolation and histograms see both kinds of image; the
+    first image is one flat colour, the last has a flat channel (histogram edge cases)."""
     noise = _dataset(n, size).images.permute(0, 3, 1, 2).float()
     blurred = torch.nn.functional.avg_pool2d(noise, 5, 1, 2, count_include_pad=False).round()
-    images = torch.cat([noise[: n // 2], blurred[n // 2 :]]).to(torch.uint8)
+    images = torch.cat([noise[: n // 2], blurred[n // 2 :]])
+    images[0] = torch.tensor([77.0, 140.0, 255.0])[:, None, None]
+    images[-1, 0] = 200
+    images = images.to(torch.uint8)
     return ImageDataset(images.permute(0, 2, 3, 1).contiguous(), torch.zeros(n).long(), CLASSES)
 
 
