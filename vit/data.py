@@ -831,7 +831,6 @@ class DeviceLoader:
         self.labels = dataset.labels.to(self.device)
         self.seed, self.crop_padding, self.hflip, self.cutout = seed, crop_padding, hflip, cutout
         self.randaugment_ops, self.randaugment_magnitude = randaugment_ops, randaugment_magnitude
-        self.img_size = dataset.img_size
         self.batch_sampler = EpochBatchSampler(
             len(dataset),
             batch_size,
@@ -868,7 +867,7 @@ class DeviceLoader:
         if self.randaugment_ops > 0:
             u = draws[5:].T.float() / (1 << 24)  # exact: 24-bit integers
             out["randaugment"] = randaugment_params(
-                u, self.randaugment_ops, self.randaugment_magnitude, self.img_size
+                u, self.randaugment_ops, self.randaugment_magnitude, self.images.shape[1]
             )
         if self.cutout > 0:
             out["cutout_xy"] = draws[3:5].T

@@ -596,14 +596,7 @@ class ClassificationTask(Task):
         ds = data.ImageDataset(x, y, classes, boxes=boxes)
         if split == "train":
             cfg = self.cfg
-            transform = data.build_transform(
-                cfg.img_size,
-                crop_padding=cfg.crop_padding,
-                hflip=cfg.hflip,
-                randaugment_ops=cfg.randaugment_ops,
-                randaugment_magnitude=cfg.randaugment_magnitude,
-                cutout=cfg.cutout,
-            )
+            transform = data.build_transform(cfg.img_size, **_augmentation_policy(cfg))
             ds = ds.with_transform(transform, seed=cfg.seed)
             if self._mixup is not None:
                 self._mixup.num_classes = len(classes)
@@ -910,6 +903,13 @@ class _WaitClock:
         return seconds
 
 
+def _augmentation_policy(cfg: RunConfig) -> dict[str, Any]:
+    """The training augmentation's settings, as both loaders take them
+    (``vit.data.build_transform`` and ``vit.data.DeviceLoader``)."""
+    keys = ("crop_padding", "hflip", "randaugment_ops", "randaugment_magnitude", "cutout")
+    return {k: getattr(cfg, k) for k in keys}
+
+
 def build_optimizer(
     model: nn.Module, cfg: RunConfig, *, distributed: bool = False
 ) -> torch.optim.Optimizer:
@@ -1059,13 +1059,6 @@ class Trainer:
         shard = train or self.task.shards_evaluation
         ranks = {"rank": self.rank, "world_size": self.world_size} if shard else {}
         if self.device_loader:
-            policy = {
-                "crop_padding": cfg.crop_padding,
-                "hflip": cfg.hflip,
-                "randaugment_ops": cfg.randaugment_ops,
-                "randaugment_magnitude": cfg.randaugment_magnitude,
-                "cutout": cfg.cutout,
-            }
             return data.DeviceLoader(
                 ds,
                 batch_size,
@@ -1073,7 +1066,7 @@ class Trainer:
                 seed=cfg.seed,
                 shuffle=train,
                 drop_last=train,
-                **(policy if train else {}),
+                **(_augmentation_policy(cfg) if train else {}),
                 **ranks,
             )
         return data.make_loader(
