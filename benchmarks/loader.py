@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from benchmarks.machine import describe_cpu
-from vit.data import DeviceLoader, ImageDataset, build_transform, make_loader
+from vit.data import AugmentPolicy, DeviceLoader, ImageDataset, build_transform, make_loader
 
 POLICY = {"crop_padding": 4, "hflip": True, "randaugment_ops": 2, "cutout": 8}
 MAGNITUDE = 9.0
@@ -75,14 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     def timm_pass() -> Iterable[object]:
         return (timm_ra(im) for im in pil)
 
-    ours = ds.with_transform(build_transform(size, **POLICY, randaugment_magnitude=MAGNITUDE), 0)
+    ours = ds.with_transform(
+        build_transform(size, AugmentPolicy(**POLICY, randaugment_magnitude=MAGNITUDE)), 0
+    )
     cpu_loader = make_loader(ours, args.batch_size, shuffle=True, drop_last=False)
 
     # Built once: the images move to the device here, not in the timed passes.
     dev_ra, dev_plain = (
         DeviceLoader(
             ds, args.batch_size, device=device, shuffle=True, drop_last=False,
-            **{**POLICY, "randaugment_ops": ops}, randaugment_magnitude=MAGNITUDE,
+            policy=AugmentPolicy(
+                **{**POLICY, "randaugment_ops": ops}, randaugment_magnitude=MAGNITUDE
+            ),
         )
         for ops in (POLICY["randaugment_ops"], 0)
     )  # fmt: skip

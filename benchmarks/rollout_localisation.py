@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vit.checkpoint import CheckpointError, load_model
+from vit.config import make_config
 from vit.rollout import gradient_rollout, rollout_maps, rollout_to_maps
-from vit.train import CheckpointError, get_task, load_model, make_config
+from vit.tasks import get_task
 
 
 def inside(x: Tensor, y: Tensor, boxes: Tensor) -> Tensor:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +85,39 @@ def test_bad_input_exits_2_without_traceback(tmp_path: Path) -> None:
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: --data imagefolder expects")
     assert run.stderr.count("\n") == 1
+
+
+def test_python_m_vit_train_is_train_py(tmp_path: Path) -> None:
+    """``python -m vit.train`` runs training exactly as ``python train.py`` does."""
+    help_m = subprocess.run(
+        [sys.executable, "-m", "vit.train", "--help"], env=ENV, capture_output=True, text=True
+    )
+    assert help_m.returncode == 0 and help_m.stdout.startswith("usage: ")
+    assert help_m.stdout == train("--help").stdout
+    args = ["--data", "synthetic", "--synthetic-train", "64", "--synthetic-val", "16"]
+    args += ["--img-size", "16", "--model-args", "{embed_dim: 16, depth: 1, num_heads: 2}"]
+    args += ["--batch-size", "16", "--epochs", "1", "--rollout-every", "0", "--threads", "1"]
+    runs = []
+    for name, cmd in (
+        ("m", [sys.executable, "-m", "vit.train"]),
+        ("py", [sys.executable, str(ROOT / "train.py")]),
+    ):
+        out = tmp_path / name
+        run = subprocess.run(
+            [*cmd, *args, "--out-dir", str(out)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr
+        runs.append(torch.load(out / "last.pt", weights_only=True)["model"])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("script", ["vit-train", "vit-evaluate", "vit-rollout", "vit-caption"])
+def test_installed_commands_answer_help(script: str) -> None:
+    path = shutil.which(script) or str(Path(sys.executable).parent / script)
+    assert Path(path).is_file(), f"{script} is not installed: pip install -e ."
+    run = subprocess.run([path, "--help"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage: "), run.stderr

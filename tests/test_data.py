@@ -12,6 +12,7 @@ from PIL import Image
 
 from vit import data
 from vit.data import (
+    AugmentPolicy,
     DataError,
     EpochBatchSampler,
     ImageDataset,
@@ -40,7 +41,7 @@ def test_synthetic_is_deterministic_and_boxes_are_exact() -> None:
 
 def test_augmentation_is_a_function_of_seed_epoch_index() -> None:
     x, y, _ = synthetic(16, img_size=32, seed=0)
-    tf = build_transform(32, crop_padding=4, hflip=True, randaugment_ops=2, cutout=8)
+    tf = build_transform(32, AugmentPolicy(crop_padding=4, hflip=True, randaugment_ops=2, cutout=8))
     ds = ImageDataset(x, y, data.SYNTHETIC_CLASSES, transform=tf, seed=7)
     a = torch.stack([ds[(2, i)][0] for i in range(16)])
     # Another order of access and a fresh pipeline give the same pixels.
@@ -48,7 +49,9 @@ def test_augmentation_is_a_function_of_seed_epoch_index() -> None:
         x,
         y,
         data.SYNTHETIC_CLASSES,
-        transform=build_transform(32, crop_padding=4, hflip=True, randaugment_ops=2, cutout=8),
+        transform=build_transform(
+            32, AugmentPolicy(crop_padding=4, hflip=True, randaugment_ops=2, cutout=8)
+        ),
         seed=7,
     )
     b = torch.stack([ds2[(2, i)][0] for i in reversed(range(16))]).flip(0)
@@ -63,7 +66,7 @@ def test_augmentation_is_a_function_of_seed_epoch_index() -> None:
 
 def test_loader_workers_do_not_change_batches() -> None:
     x, y, _ = synthetic(40, img_size=16, seed=0)
-    tf = build_transform(16, crop_padding=2, hflip=True, randaugment_ops=1)
+    tf = build_transform(16, AugmentPolicy(crop_padding=2, hflip=True, randaugment_ops=1))
     ds = ImageDataset(x, y, data.SYNTHETIC_CLASSES, transform=tf, seed=1)
     batches = []
     for workers in (0, 1):
@@ -106,7 +109,7 @@ def test_image_folder_decodes_once_and_caches(tmp_path: Path, monkeypatch) -> No
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "_decode", no_decoding)
+    monkeypatch.setattr("vit.preprocess.decode_image", no_decoding)
     x2, y2, _ = image_folder(tmp_path / "train", img_size=8, cache_dir=tmp_path / "cache")
     assert torch.equal(x, x2) and torch.equal(y, y2)
 

@@ -17,8 +17,11 @@ import pytest
 import torch
 from torch import Tensor
 
+from vit.checkpoint import load_checkpoint
+from vit.config import ConfigError, make_config
 from vit.data import (
     RANDAUGMENT_OPS,
+    AugmentPolicy,
     DeviceLoader,
     ImageDataset,
     augment_batch,
@@ -30,7 +33,8 @@ from vit.data import (
     sample_seed,
     uniform_ints,
 )
-from vit.train import ConfigError, Trainer, load_checkpoint, main, make_config
+from vit.train import main
+from vit.trainer import Trainer
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -45,7 +49,7 @@ def _dataset(n: int = 64, size: int = 16, seed: int = 0) -> ImageDataset:
 def _cpu_sample(ds: ImageDataset, policy: dict[str, Any], seed: int, epoch: int, index: int):
     """What the CPU pipeline does to one sample: the augmented image (3, H, W) and the parameters
     it drew, in augment_batch's terms."""
-    transform = build_transform(ds.img_size, **policy)
+    transform = build_transform(ds.img_size, AugmentPolicy(**policy))
     transform.save_applied_params = True
     # The same reseeding as ImageDataset.__getitem__ does for the key (epoch, index).
     reseed(transform, sample_seed(seed, epoch, index))
@@ -187,7 +191,9 @@ def test_loader_with_randaugment_gives_the_albumentations_pixels() -> None:
     with the loader's draws: the operations in policy order, between the flip and the cutout."""
     ds = _smooth_dataset(128)
     policy = {"crop_padding": 2, "hflip": True, "randaugment_ops": 2, "cutout": 4}
-    loader = DeviceLoader(ds, 128, device="cpu", seed=3, shuffle=True, drop_last=True, **policy)
+    loader = DeviceLoader(
+        ds, 128, device="cpu", seed=3, shuffle=True, drop_last=True, policy=AugmentPolicy(**policy)
+    )
     ((out, _),) = list(loader)
     index = loader.batch_sampler.order()
     p = loader.params(0, index)
@@ -219,11 +225,13 @@ def test_parameter_distributions_match_albumentations() -> None:
     size, pad, cut = 16, 4, 6
     policy = {"crop_padding": pad, "hflip": True, "cutout": cut}
     ds = _dataset(2, size=size)
-    loader = DeviceLoader(ds, 2, device="cpu", seed=1, shuffle=True, drop_last=True, **policy)
+    loader = DeviceLoader(
+        ds, 2, device="cpu", seed=1, shuffle=True, drop_last=True, policy=AugmentPolicy(**policy)
+    )
     n = 40_000
     dev = loader.params(epoch=0, index=torch.arange(n))
     # The CPU pipeline's parameters over many (epoch, index) keys (image content is irrelevant).
-    transform = build_transform(size, **policy)
+    transform = build_transform(size, AugmentPolicy(**policy))
     transform.save_applied_params = True
     image = ds.images[0].numpy()
     cpu = []
@@ -288,7 +296,7 @@ def _ks_statistic(a: Tensor, b: Tensor) -> float:
 def test_randaugment_chooses_distinct_operations_uniformly() -> None:
     n_ops, count = 2, 40_000
     loader = DeviceLoader(_dataset(2), 2, device="cpu", seed=1, shuffle=True, drop_last=True,
-                          randaugment_ops=n_ops)  # fmt: skip
+                          policy=AugmentPolicy(randaugment_ops=n_ops))  # fmt: skip
     ops = loader.params(epoch=0, index=torch.arange(count))["randaugment"]["ops"]
     assert (ops.sum(1) == n_ops).all()
     k = len(RANDAUGMENT_OPS)
@@ -306,9 +314,9 @@ def test_randaugment_parameter_distributions_match_albumentations(magnitude: flo
     size, k = 32, len(RANDAUGMENT_OPS)
     policy = {"randaugment_ops": k, "randaugment_magnitude": magnitude}
     loader = DeviceLoader(_dataset(2, size), 2, device="cpu", seed=1, shuffle=True,
-                          drop_last=True, **policy)  # fmt: skip
+                          drop_last=True, policy=AugmentPolicy(**policy))  # fmt: skip
     dev = loader.params(epoch=0, index=torch.arange(40_000))["randaugment"]
-    transform = build_transform(size, **policy)
+    transform = build_transform(size, AugmentPolicy(**policy))
     transform.save_applied_params = True
     image = _smooth_dataset(2, size).images[1].numpy()
     cpu: dict[str, list[float]] = {key: [] for key in dev if key != "ops"}
@@ -344,7 +352,9 @@ def test_augmentation_parameters_are_independent_draws() -> None:
     n = 3000
     policy = {"crop_padding": 4, "hflip": True, "cutout": 6}
     ds = _dataset(n)
-    loader = DeviceLoader(ds, 2, device="cpu", seed=1, shuffle=True, drop_last=True, **policy)
+    loader = DeviceLoader(
+        ds, 2, device="cpu", seed=1, shuffle=True, drop_last=True, policy=AugmentPolicy(**policy)
+    )
     p = loader.params(epoch=0, index=torch.arange(n))
     dev = [p["crop_xy"][:, 0], p["crop_xy"][:, 1], p["flip"], p["cutout_xy"][:, 0]]
     drawn = [_cpu_sample(ds, policy, seed=1, epoch=0, index=i)[1] for i in range(n)]
@@ -375,7 +385,7 @@ def test_loader_params_are_the_per_stream_uniform_ints() -> None:
     """params() draws all five streams in one pass; each equals its own uniform_ints."""
     loader = DeviceLoader(
         _dataset(2), 2, device="cpu", seed=3, shuffle=True, drop_last=True,
-        crop_padding=4, hflip=True, cutout=6,
+        policy=AugmentPolicy(crop_padding=4, hflip=True, cutout=6),
     )  # fmt: skip
     index = torch.randperm(1000)
     for epoch in (0, 5, 0):
@@ -395,7 +405,13 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index() -> None:
 
     def samples(batch_size: int, start: int, epoch: int = 1, seed: int = 0) -> dict[int, Any]:
         loader = DeviceLoader(
-            ds, batch_size, device="cpu", seed=seed, shuffle=True, drop_last=False, **policy
+            ds,
+            batch_size,
+            device="cpu",
+            seed=seed,
+            shuffle=True,
+            drop_last=False,
+            policy=AugmentPolicy(**policy),
         )
         loader.batch_sampler.set_epoch(epoch, start)
         order = loader.batch_sampler.order().tolist()
@@ -421,7 +437,8 @@ def test_device_loader_refuses_what_it_cannot_do() -> None:
     with pytest.raises(ValueError, match="needs cutout_xy"):
         augment_batch(_dataset(2).images, cutout=2)
     with pytest.raises(ValueError, match="cutout 20 exceeds the image size 16"):
-        DeviceLoader(_dataset(4), 2, device="cpu", shuffle=True, drop_last=True, cutout=20)
+        DeviceLoader(_dataset(4), 2, device="cpu", shuffle=True, drop_last=True,
+                     policy=AugmentPolicy(cutout=20))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +491,7 @@ def test_engine_with_device_loader_and_mixup_resumes_exactly(
 ) -> None:
     """Device loader with crop/flip/RandAugment/cutout, mixup/cutmix on top; SIGTERM mid-epoch,
     then resume."""
-    from vit.train import ClassificationTask
+    from vit.classification import ClassificationTask
 
     recipe = {**TINY, "loader": "device", "mixup": 0.8, "cutmix": 1.0, "hflip": True}
     recipe["randaugment_ops"] = 2
@@ -496,7 +513,7 @@ def test_engine_with_device_loader_and_mixup_resumes_exactly(
 def test_cuda_device_loader_matches_cpu(randaugment_ops: int) -> None:
     ds = _smooth_dataset(64)
     policy = {"crop_padding": 4, "hflip": True, "randaugment_ops": randaugment_ops, "cutout": 6}
-    kw = {"seed": 2, "shuffle": True, "drop_last": True, **policy}
+    kw = {"seed": 2, "shuffle": True, "drop_last": True, "policy": AugmentPolicy(**policy)}
     cpu = torch.cat([x for x, _ in DeviceLoader(ds, 16, device="cpu", **kw)])
     gpu = torch.cat([x.cpu() for x, _ in DeviceLoader(ds, 16, device="cuda", **kw)])
     if randaugment_ops == 0:

@@ -240,3 +240,16 @@ def test_import_stays_light() -> None:
     )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
     assert "vit.train" not in result.stdout
+
+
+def test_captions_import_without_the_engine() -> None:
+    """The tokenizer, datasets and BLEU/CIDEr-D load without the training engine."""
+    code = (
+        "import sys, vit.captions, vit.captions.metrics, vit.captions.tokenizer; "
+        "print(sorted(m for m in sys.modules if m in ('vit.trainer', 'vit.train', 'vit.tasks', "
+        "'vit.config', 'vit.captions.task') or m.startswith('tensorboard')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -18,19 +18,11 @@ import pytest
 import torch
 
 from vit import evaluate
+from vit.checkpoint import CheckpointError, load_checkpoint
+from vit.config import ConfigError, make_config, parse_args, resolve_device
 from vit.optim import Muon
-from vit.train import (
-    CheckpointError,
-    ConfigError,
-    Diverged,
-    Trainer,
-    load_checkpoint,
-    lr_at,
-    main,
-    make_config,
-    parse_args,
-    resolve_device,
-)
+from vit.train import main
+from vit.trainer import Diverged, Trainer, lr_at
 
 TINY = {
     "data": "synthetic",
@@ -248,7 +240,7 @@ def test_channels_last_gives_the_same_logits(tmp_path: Path) -> None:
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    from vit.train import ClassificationTask
+    from vit.classification import ClassificationTask
 
     real = ClassificationTask.loss
 
@@ -279,7 +271,7 @@ def test_sigterm_saves_and_resume_is_exact(
 ) -> None:
     """Mixup/cutmix, randaugment, drop path, patch dropout and EMA all on: every source of
     randomness; with either optimizer's state."""
-    from vit.train import ClassificationTask
+    from vit.classification import ClassificationTask
 
     recipe = {
         **TINY,
@@ -505,8 +497,8 @@ def _png_folder(root: Path, n: int, classes=("a", "b")) -> None:
 
 
 def test_imagefolder_validation_split_rules(tmp_path: Path) -> None:
+    from vit.classification import ClassificationTask
     from vit.data import DataError
-    from vit.train import ClassificationTask
 
     root = tmp_path / "imgs"
     _png_folder(root / "train", 10)
@@ -536,7 +528,7 @@ def test_imagefolder_validation_split_rules(tmp_path: Path) -> None:
 
 def test_compiled_state_dict_names_load(tmp_path: Path) -> None:
     """Checkpoints hold plain names; ones saved from a compiled module (``_orig_mod.``) load too."""
-    from vit.train import load_model, save_checkpoint
+    from vit.checkpoint import load_model, save_checkpoint
 
     cfg = tiny(tmp_path)
     Trainer(cfg).fit()

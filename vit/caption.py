@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+from vit.checkpoint import checkpoint_preprocess, load_model
+from vit.config import resolve_device
+from vit.errors import CliParser, ConfigError, DataError, UsageError, run_command
+
 __all__ = ["caption_images", "main"]
 
 
@@ -22,38 +26,45 @@ def caption_images(
     max_len: int | None = None,
     device: str = "auto",
 ) -> list[str]:
-    """Captions of image files by the captioner in ``checkpoint`` (EMA weights when present)."""
-    from vit.captions import Tokenizer, _read_image, normalize
-    from vit.train import load_model, resolve_device
+    """Captions of image files by the captioner in ``checkpoint`` (EMA weights when present),
+    each file preprocessed as the captioner was trained (:mod:`vit.preprocess`).
 
+    Raises:
+        UsageError: a bad checkpoint (or one of another task), an unreadable image, a bad option.
+    """
+    from vit.captions import Tokenizer
+
+    if beam_size < 1:
+        raise ConfigError(f"--beam-size must be at least 1, got {beam_size}")
+    if max_len is not None and max_len < 1:
+        raise ConfigError(f"--max-len must be at least 1, got {max_len}")
     model, ckpt = load_model(checkpoint)
     if ckpt["task"] != "caption":
-        raise ValueError(
+        raise UsageError(
             f"{checkpoint} is a {ckpt['task']!r} checkpoint, not a captioner; use "
             f"python -m vit.evaluate for it"
         )
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:  # all of them in one line, before any work
+        raise DataError(f"image file(s) not found: {', '.join(missing)}")
     tokenizer = Tokenizer(ckpt["task_state"]["vocab"])
+    preprocess = checkpoint_preprocess(ckpt)
     dev = resolve_device(device)
     model.to(dev)
-    size = model.encoder.patch_embed.img_size
-    missing = [str(p) for p in images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
-    batch = torch.stack([normalize(_read_image(Path(p), size)) for p in images]).to(dev)
+    batch = preprocess.normalize(torch.stack([preprocess.load(p) for p in images])).to(dev)
     ids = model.generate(batch, max_len, beam_size=beam_size)
     return [tokenizer.decode(row) for row in ids.tolist()]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vit.train import CheckpointError, CliParser
-
     p = CliParser(prog="python -m vit.caption", description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="best.pt/last.pt of a caption run")
     p.add_argument("--images", nargs="+", required=True, help="image files (any PIL format)")
     p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
     p.add_argument("--max-len", type=int, help="most words to generate (default: the model's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    try:
+
+    def run() -> None:
         args = p.parse_args(argv)
         captions = caption_images(
             args.checkpoint,
@@ -62,12 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             max_len=args.max_len,
             device=args.device,
         )
-    except (CheckpointError, ValueError, OSError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path, caption in zip(args.images, captions, strict=True):
-        print(f"{path}: {caption}")
-    return 0
+        for path, caption in zip(args.images, captions, strict=True):
+            print(f"{path}: {caption}")
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from typing import Any, Literal
 
 import torch
 
-from vit.train import (
-    CheckpointError,
-    CliParser,
-    ConfigError,
-    get_task,
-    load_model,
-    make_config,
-    resolve_device,
-)
+from vit.checkpoint import load_model
+from vit.config import make_config, resolve_device
+from vit.errors import CliParser, ConfigError, run_command
+from vit.tasks import get_task
 
 __all__ = ["evaluate_checkpoint", "main"]
 
@@ -36,15 +30,18 @@ def evaluate_checkpoint(
     split: Literal["val", "test"] = "val",
     batch_size: int = 256,
     device: str = "auto",
-    weights: Literal["ema", "model"] = "ema",
+    weights: Literal["auto", "ema", "model"] = "auto",
     amp: Literal["bf16", "fp16", "off"] = "off",
     tta_hflip: bool | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on a split; ``data``/``data_dir`` default to the training run's.
 
-    ``weights="ema"`` uses the EMA weights when the checkpoint has them (what training validated).
-    ``tta_hflip``: average each image's softmax with its mirror image's (default: as the run
-    validated).
+    ``weights``: ``auto`` the EMA weights when the run kept them (what training validated), ``ema``
+    (an error without them) or ``model`` (the raw weights). ``tta_hflip``: average each image's
+    softmax with its mirror image's (default: as the run validated).
+
+    Raises:
+        UsageError: a bad checkpoint, dataset or option (one line naming the fix).
     """
     from vit.data import make_loader
 
@@ -74,8 +71,6 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vit.data import DataError
-
     p = CliParser(prog="python -m vit.evaluate", description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train.py")
     p.add_argument("--data", help="dataset name (default: the one it was trained on)")
@@ -85,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
         "--weights",
-        choices=("ema", "model"),
-        default="ema",
-        help="EMA weights when the checkpoint has them (default), or the raw model",
+        choices=("auto", "ema", "model"),
+        default="auto",
+        help="auto: the EMA weights when the run kept them (default); ema; model: the raw weights",
     )
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off")
     p.add_argument(
@@ -95,16 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         help="average each image's softmax with its mirror image's (default: as the run did)",
     )
-    try:
+
+    def run() -> None:
         args = p.parse_args(argv)
         if args.batch_size <= 0:
             raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
-        metrics = evaluate_checkpoint(**vars(args))
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics))
-    return 0
+        print(json.dumps(evaluate_checkpoint(**vars(args))))
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from timm.optim.muon import zeropower_via_newtonschulz
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Muon"]
+if TYPE_CHECKING:
+    from vit.config import RunConfig
+
+__all__ = ["Muon", "build_optimizer"]
 
 # Keller Jordan's quintic Newton-Schulz coefficients (five iterations).
 NS_COEFFICIENTS = [(3.4445, -4.7750, 2.0315)]
@@ -171,3 +174,33 @@ def split_by_cost(shapes: Sequence[torch.Size], world: int) -> list[list[int]]:
     for share in shares:
         share.sort()
     return shares
+
+
+def build_optimizer(
+    model: nn.Module, cfg: RunConfig, *, distributed: bool = False
+) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over timm's parameter groups (no weight decay on norms, biases and the
+    model's ``no_weight_decay()``), at ``cfg.lr``; the scheduler sets each step's lr.
+    ``distributed``: the default process group's ranks hold DDP-averaged gradients."""
+    nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    from timm.optim import param_groups_weight_decay
+
+    # Muon orthogonalises the updates of hidden weight matrices only: the input and output
+    # layers stay with AdamW (Jordan et al. 2024), as do 1-D parameters.
+    fallback = ("*patch_embed.*", "*token_embed.*", "head.*") if cfg.optimizer == "muon" else ()
+    groups = param_groups_weight_decay(
+        model, cfg.weight_decay, no_weight_decay_list=nwd, fallback_list=fallback
+    )
+    betas = (0.9, cfg.beta2)
+    if cfg.optimizer == "muon":
+        # Under DDP the ranks split the Newton-Schulz iterations (vit.optim.Muon).
+        group = torch.distributed.group.WORLD if distributed else None
+        return Muon(groups, lr=cfg.lr, betas=betas, process_group=group)
+    # On CUDA one fused kernel updates every parameter (the foreach default launches several
+    # per group); the results agree to rounding.
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop

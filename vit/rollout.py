@@ -18,12 +18,15 @@ Command line::
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.utils import unwrap_model
 from torch import Tensor, nn
 
 from vit.layers import Attention, EncoderBlock
@@ -34,11 +37,11 @@ __all__ = [
     "colorize",
     "gradient_rollout",
     "log_rollout",
+    "normalize_maps",
     "overlay",
     "rollout_grid",
     "rollout_maps",
     "rollout_to_maps",
-    "unwrap_model",
 ]
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -48,21 +51,6 @@ _FUSIONS = ("mean", "max", "min")
 # ----------------------------------------------------------------------------------------------
 # Capturing the weights
 # ----------------------------------------------------------------------------------------------
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that owns the parameters: strips ``torch.compile`` (``_orig_mod``), DDP /
-    DataParallel and timm's ModelEma (``.module``) wrappers, in any nesting."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel) or (
-            type(model).__name__.startswith("ModelEma")
-            and isinstance(getattr(model, "module", None), nn.Module)
-        ):
-            model = model.module
-        else:
-            return model
-
-
 def _encoder_attentions(model: nn.Module) -> list[Attention]:
     inner = unwrap_model(model)
     found = [m.attn for m in inner.modules() if isinstance(m, EncoderBlock)]
@@ -242,8 +230,9 @@ def gradient_rollout(
 # ----------------------------------------------------------------------------------------------
 # Maps and rendering
 # ----------------------------------------------------------------------------------------------
-def _normalise(maps: Tensor) -> Tensor:
-    """Per image to [0, 1]; a constant map becomes all zeros (there is nothing to highlight)."""
+def normalize_maps(maps: Tensor) -> Tensor:
+    """Min-max normalise maps (B, H, W) per image to [0, 1]; a constant map becomes all zeros
+    (there is nothing to highlight)."""
     flat = rearrange(maps, "b h w -> b (h w)")
     lo = flat.amin(dim=1)[:, None, None]
     hi = flat.amax(dim=1)[:, None, None]
@@ -285,7 +274,7 @@ def rollout_to_maps(
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return _normalise(maps)
+    return normalize_maps(maps)
 
 
 def _model_geometry(model: nn.Module) -> tuple[tuple[int, int], dict[str, Any]]:
@@ -399,47 +388,29 @@ def log_rollout(
 # ----------------------------------------------------------------------------------------------
 # Command line: python -m vit.rollout --checkpoint PATH --images a.jpg b.png --out-dir maps/
 # ----------------------------------------------------------------------------------------------
-class _CliError(Exception):
-    """A problem with the user's input: reported as one line on stderr, exit code 2."""
+# Overlays are drawn at the model's input crop, enlarged to at least this many pixels (CIFAR's 32
+# px is unreadable) and at most the larger bound, whatever the file's resolution.
+_DISPLAY_MIN, _DISPLAY_MAX = 128, 512
 
 
-def _load_images(paths: list[str]) -> list[Any]:
-    """Open every image as RGB (PIL), refusing files that are not images."""
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                images.append(img.convert("RGB"))
-        except FileNotFoundError:
-            raise _CliError(f"image not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise _CliError(
-                f"{path} is not a readable image ({type(exc).__name__}); pass PNG/JPEG files"
-            ) from None
-    return images
-
-
-def _output_paths(paths: list[str], out_dir: Any) -> list[Any]:
-    from pathlib import Path
-
+def _output_paths(paths: list[str], out_dir: Path) -> list[Path]:
     seen: dict[str, int] = {}
     outs = []
     for p in paths:
         stem = Path(p).stem
         seen[stem] = seen.get(stem, 0) + 1
         suffix = f"_{seen[stem]}" if seen[stem] > 1 else ""  # a/x.png and b/x.png both survive
-        outs.append(Path(out_dir) / f"{stem}{suffix}_rollout.png")
+        outs.append(out_dir / f"{stem}{suffix}_rollout.png")
     return outs
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vit.rollout``: rollout overlays (image | heatmap | overlay PNGs) for images."""
-    import argparse
-    import sys
+    """``python -m vit.rollout``: rollout overlays (image | heatmap | overlay PNGs) for images,
+    and each image's predicted class (the same prediction as ``vit.evaluate`` and
+    ``vit.predict``: the checkpoint's own preprocessing)."""
+    from vit.errors import CliParser, run_command
 
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m vit.rollout",
         description="Attention-rollout maps (Abnar & Zuidema 2020) of a trained checkpoint.",
     )
@@ -451,53 +422,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1)")
     parser.add_argument("--start-layer", type=int, default=0, help="first block of the rollout")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    args = parser.parse_args(argv)
-    try:
-        _run_cli(args)
-    except _CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: _run_cli(parser.parse_args(argv)))
 
 
 def _run_cli(args: Any) -> None:
-    import sys
-
-    from PIL import Image
-    from torchvision.transforms.functional import to_tensor
     from torchvision.utils import save_image
 
-    if not 0.0 <= args.discard_ratio < 1.0:
-        raise _CliError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
-    from vit.train import ConfigError, resolve_device
+    from vit.checkpoint import checkpoint_preprocess, load_model
+    from vit.config import resolve_device
+    from vit.errors import ConfigError, UsageError
+    from vit.preprocess import decode_image
 
-    try:
-        device = resolve_device(args.device)
-    except ConfigError as exc:
-        raise _CliError(str(exc)) from None
-    model, normalise, classes = _load_model(args.checkpoint, device)
-    size = model.patch_embed.img_size
+    if not 0.0 <= args.discard_ratio < 1.0:  # also refuses NaN
+        raise ConfigError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    out_dir = Path(args.out_dir)
+    for flag, folder in (("--out-dir", out_dir), ("--tensorboard", args.tensorboard)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"{flag} {folder} is a file; pass a folder")
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint)
+    if ckpt["task"] != "classify":
+        raise UsageError(
+            f"{args.checkpoint} is a {ckpt['task']!r} checkpoint; rollout maps need an image "
+            f"classifier trained with --task classify"
+        )
+    preprocess = checkpoint_preprocess(ckpt)
+    classes = list(ckpt["task_state"].get("classes") or [])
+    model.to(device)
     depth = len(_encoder_attentions(model))
     if not 0 <= args.start_layer < depth:
-        raise _CliError(f"--start-layer must be in [0, {depth}) for this {depth}-block model")
-    pil_images = _load_images(args.images)
-
-    display, originals = [], []
-    for path, img in zip(args.images, pil_images, strict=True):
-        if img.size != (size, size):
+        raise ConfigError(f"--start-layer must be in [0, {depth}) for this {depth}-block model")
+    size = preprocess.img_size
+    shown = min(_DISPLAY_MAX, max(_DISPLAY_MIN, size))
+    inputs, display = [], []
+    for path in args.images:
+        im = decode_image(path)
+        if im.size != (size, size):
+            how = "whole image" if preprocess.resize == "squash" else "shorter side, centre crop"
             print(
-                f"note: {path} is {img.size[0]}x{img.size[1]}; resized to {size}x{size}, the "
-                f"model's input size",
+                f"note: {path} is {im.width}x{im.height}; resized to {size}x{size} ({how}, as "
+                f"in training)",
                 file=sys.stderr,
             )
-        display.append(to_tensor(img.resize((size, size), Image.BILINEAR)))
-        originals.append(img)
-    display_batch = torch.stack(display)  # (B, 3, size, size) in [0, 1]
-    images = normalise(display_batch).to(device)
+        inputs.append(preprocess.resize_image(im))  # uint8 (3, S, S)
+        # The same crop at display resolution: the maps line up with what the model saw.
+        display.append(preprocess.resize_image(im, shown).float() / 255)
+    inputs, display = torch.stack(inputs), torch.stack(display)
 
     grid, layout = _model_geometry(model)
     with torch.no_grad(), capture_attention(model) as attentions:
-        probs = model(images).softmax(dim=-1)
+        probs = model(preprocess.normalize(inputs).to(device)).float().softmax(dim=-1).cpu()
     joint = attention_rollout(
         [a.float().cpu() for a in attentions],
         args.head_fusion,
@@ -505,53 +479,22 @@ def _run_cli(args: Any) -> None:
         args.start_layer,
         class_token=layout["class_token"],
     )
-    from pathlib import Path
-
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    for i, (img, out) in enumerate(
-        zip(originals, _output_paths(args.images, args.out_dir), strict=True)
-    ):
-        # Small images (CIFAR's 32 px) are enlarged with nearest-neighbour so the maps are visible.
-        factor = max(1, -(-128 // max(img.size)))
-        shown = to_tensor(img.resize((img.size[0] * factor, img.size[1] * factor), Image.NEAREST))
-        maps = rollout_to_maps(joint[i : i + 1], grid, tuple(shown.shape[-2:]), **layout)
-        save_image(rollout_grid(shown[None], maps), out)
+    maps = rollout_to_maps(joint, grid, shown, **layout)  # (B, shown, shown)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create --out-dir {out_dir}: {e.strerror}") from None
+    for i, out in enumerate(_output_paths(args.images, out_dir)):
+        save_image(rollout_grid(display[i : i + 1], maps[i : i + 1]), out)
         conf, cls = probs[i].max(dim=0)
         name = classes[cls.item()] if cls.item() < len(classes) else str(cls.item())
         print(f"{args.images[i]} -> {out} (predicted {name}, p={conf.item():.2f})")
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        maps = rollout_to_maps(joint, grid, size, **layout)
         with SummaryWriter(args.tensorboard) as writer:
-            writer.add_image("rollout/maps", rollout_grid(display_batch, maps), 0)
+            writer.add_image("rollout/maps", rollout_grid(display, maps), 0)
         print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
-
-
-def _load_model(path: str, device: torch.device) -> tuple[nn.Module, Any, list[str]]:
-    """The checkpoint's model (EMA weights when present) in eval mode, its input normalisation
-    and its class names, through the training engine's own loader."""
-    from vit.train import CheckpointError, load_model
-
-    try:
-        model, ckpt = load_model(path)
-    except CheckpointError as exc:
-        raise _CliError(str(exc)) from None
-    except KeyError as exc:  # a vit.train checkpoint stripped of its model
-        raise _CliError(
-            f"{path} holds no model (no {exc.args[0]!r} entry); pass a checkpoint written by "
-            f"train.py (last.pt or best.pt)"
-        ) from None
-    state = ckpt.get("task_state") or {}
-    if ckpt.get("task") != "classify" or "mean" not in state:
-        raise _CliError(
-            f"{path} is a {ckpt.get('task')!r} checkpoint; rollout maps need an image classifier "
-            f"trained with --task classify"
-        )
-    mean = torch.tensor(state["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(state["std"]).view(1, 3, 1, 1)
-    classes = list(state.get("classes") or [])
-    return model.to(device).eval(), lambda x: (x - mean) / std, classes
 
 
 if __name__ == "__main__":

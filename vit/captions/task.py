@@ -1,0 +1,308 @@
+"""The caption task of the training engine (``python train.py --task caption``), and the
+cross-attention maps it shows in TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.utils import unwrap_model
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from vit.captions.datasets import (
+    CAPTION_DATASETS,
+    CaptionDataset,
+    caption_preprocess,
+    load_caption_data,
+)
+from vit.captions.metrics import bleu_scores, cider_d
+from vit.captions.tokenizer import Tokenizer
+from vit.config import RunConfig
+from vit.errors import ConfigError, DataError, did_you_mean
+from vit.tasks import Task
+
+__all__ = ["CAPTION_TASK_ARGS", "CaptionTask", "attention_strip", "cross_attention_maps"]
+
+
+@torch.no_grad()
+def cross_attention_maps(model, images: Tensor, tokens: Tensor, layer: int = -1) -> Tensor:
+    """Word → patch attention: the ``layer``-th decoder block's cross-attention weights (head
+    mean) when the captioner reads ``tokens`` (B, T) (``<bos>`` first) for ``images``, over the
+    patch grid: (B, T, gh, gw). Row t is where the model looks to predict token t+1. Prefix
+    tokens (the class token) are dropped from the columns, so rows need not sum to one."""
+    model = unwrap_model(model)
+    attn = model.blocks[layer].cross_attn
+    captured: list[Tensor] = []
+    attn.recorder = captured.append
+    try:
+        model(images, tokens)
+    finally:
+        attn.recorder = None
+    weights = captured[-1].mean(dim=1)  # (B, T, prefix+N)
+    gh, gw = model.encoder.grid_size
+    weights = weights[:, :, model.encoder.num_prefix_tokens :]  # (B, T, N)
+    return weights.reshape(weights.shape[0], weights.shape[1], gh, gw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The caption task of the training engine (`python train.py --task caption`)
+# ----------------------------------------------------------------------------------------------
+# task_args of the caption task: name → (default, meaning).
+CAPTION_TASK_ARGS: dict[str, tuple[Any, str]] = {
+    "max_len": (32, "longest token sequence incl. <bos>/<eos>; longer captions are truncated"),
+    "beam_size": (1, "beam size of the captions generated for validation (1 = greedy)"),
+    "min_count": (1, "words seen fewer times in the training captions become <unk>"),
+    "train_scenes": (20_000, "shapes: generated training scenes"),
+    "val_scenes": (1_000, "shapes: generated validation (and test) scenes"),
+    "sample_images": (6, "validation images shown with captions and attention maps"),
+    "encoder_checkpoint": ("", "initialise the encoder from this classification checkpoint"),
+}
+
+
+class CaptionTask(Task):
+    """Image captioning: teacher-forced cross-entropy on the next word; validation generates
+    captions and scores corpus BLEU-1..4 and CIDEr-D (BLEU-4 selects ``best.pt``).
+
+    ``--model`` is a caption variant (``caption_*``) or any ViT variant, used as the encoder of a
+    default decoder. The vocabulary is built from the training captions and kept in the
+    checkpoint's task state and as ``vocab.json`` in the run directory.
+    """
+
+    datasets = CAPTION_DATASETS
+    primary_metric = "bleu4"
+
+    def __init__(self, cfg: RunConfig, state: dict[str, Any] | None = None) -> None:
+        super().__init__(cfg, state)
+        self.args = {k: v for k, (v, _) in CAPTION_TASK_ARGS.items()} | cfg.task_args
+        self.tokenizer = Tokenizer(self.state["vocab"]) if "vocab" in self.state else None
+        self._val: CaptionDataset | None = None
+        # What inference repeats (vit.caption reads it from the checkpoint).
+        self.preprocess = caption_preprocess(cfg.img_size)
+        self.state.setdefault("preprocess", self.preprocess.to_dict())
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        for key, value in cfg.task_args.items():
+            if key not in CAPTION_TASK_ARGS:
+                hint = did_you_mean(key, CAPTION_TASK_ARGS, n=1)
+                raise ConfigError(
+                    f"unknown task_args key {key!r} for task 'caption'{hint} (valid: "
+                    f"{', '.join(CAPTION_TASK_ARGS)})"
+                )
+            default = CAPTION_TASK_ARGS[key][0]
+            if type(value) is not type(default):
+                raise ConfigError(
+                    f"task_args.{key} must be {type(default).__name__}, got {value!r}"
+                )
+            if isinstance(value, int) and value < 1 and key != "min_count":
+                raise ConfigError(f"task_args.{key} must be positive, got {value}")
+        if cfg.task_args.get("max_len", 32) < 3:
+            raise ConfigError("task_args.max_len must be at least 3 (<bos>, a word, <eos>)")
+        unused = {
+            "mixup": cfg.mixup,
+            "cutmix": cfg.cutmix,
+            "randaugment_ops": cfg.randaugment_ops,
+            "cutout": cfg.cutout,
+            "tta_hflip": cfg.tta_hflip,
+        }
+        on = [k for k, v in unused.items() if v > 0]
+        if on:
+            raise ConfigError(
+                f"{', '.join(on)} are classification augmentations that would change what a "
+                f"caption describes; set them to 0 for --task caption"
+            )
+        reserved = {"vocab_size", "img_size", "max_len", "num_classes"} & set(cfg.model_args)
+        if reserved:
+            raise ConfigError(
+                f"set {', '.join(sorted(reserved))} through the run config (--img-size, "
+                f"task_args.max_len; the vocabulary comes from the data), not model_args"
+            )
+        if cfg.data == "shapes" and cfg.img_size < 16:
+            raise ConfigError(f"shapes scenes need img_size >= 16, got {cfg.img_size}")
+
+    # -- data -----------------------------------------------------------------------------------
+    def build_dataset(self, split: Literal["train", "val", "test"]) -> Dataset:
+        cfg, args = self.cfg, self.args
+        try:
+            data = load_caption_data(
+                cfg.data,
+                split,
+                data_dir=cfg.data_dir,
+                img_size=cfg.img_size,
+                num_scenes=args["train_scenes"] if split == "train" else args["val_scenes"],
+            )
+        except (OSError, ValueError) as e:
+            raise DataError(str(e)) from None
+        if self.tokenizer is None:
+            if split != "train":
+                raise ConfigError("the caption task needs its vocabulary: build train first")
+            self.tokenizer = Tokenizer.build(
+                (c for caps in data.captions for c in caps), min_count=args["min_count"]
+            )
+            self.state["vocab"] = self.tokenizer.itos
+            out = Path(cfg.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(out / "vocab.json")
+        train = split == "train"
+        ds = CaptionDataset(
+            data,
+            self.tokenizer,
+            max_len=args["max_len"],
+            img_size=cfg.img_size,
+            pairs=train,
+            name=f"{cfg.data} {split}",
+            crop_padding=cfg.crop_padding if train else 0,
+            hflip=cfg.hflip if train else False,
+            seed=cfg.seed,
+        )
+        if not train:
+            self._val = ds
+        return ds
+
+    # -- model ----------------------------------------------------------------------------------
+    def model_spec(self) -> dict[str, Any]:
+        cfg = self.cfg
+        kwargs = {
+            **cfg.model_args,
+            "vocab_size": len(self.state["vocab"]),
+            "max_len": self.args["max_len"],
+            "img_size": cfg.img_size,
+            "drop_path_rate": cfg.drop_path,
+        }
+        return {"name": cfg.model, "kwargs": kwargs}
+
+    @staticmethod
+    def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+        from vit.models import CaptionConfig, CaptioningTransformer, create_model
+
+        if spec["name"].startswith("caption_"):
+            return create_model(spec["name"], **spec["kwargs"])
+        # A ViT variant: it becomes the encoder of the default decoder.
+        return CaptioningTransformer(CaptionConfig(encoder=spec["name"]), **spec["kwargs"])
+
+    def build_model(self) -> nn.Module:
+        try:
+            model = self.model_from_spec(self.model_spec())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot build captioning model {self.cfg.model!r}: {e}") from None
+        if self.args["encoder_checkpoint"]:
+            path = Path(self.args["encoder_checkpoint"])
+            if not path.is_file():
+                raise ConfigError(f"task_args.encoder_checkpoint {path} does not exist")
+            try:
+                model.load_encoder(path)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"cannot initialise the encoder from {path}: {e}") from None
+        return model
+
+    # -- steps ----------------------------------------------------------------------------------
+    def prepare_batch(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        images, tokens, index = batch
+        x = self.preprocess.normalize(images.to(device, non_blocking=True))
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Trim the padding columns no caption of this batch reaches.
+        length = int((tokens != self.tokenizer.pad_id).sum(1).max())
+        return x, tokens[:, :length].to(device, non_blocking=True), index
+
+    def _loss(self, model: nn.Module, x: Tensor, tokens: Tensor, smoothing: float) -> Tensor:
+        logits = model(x, tokens[:, :-1])  # (B, T-1, V): predict token t+1 from tokens <= t
+        return F.cross_entropy(
+            logits.float().flatten(0, 1),
+            tokens[:, 1:].flatten(),
+            ignore_index=self.tokenizer.pad_id,
+            label_smoothing=smoothing,
+        )
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor], step: int) -> Tensor:
+        x, tokens, _ = batch
+        return self._loss(model, x, tokens, self.cfg.label_smoothing)
+
+    def caption(self, model: nn.Module, x: Tensor) -> list[str]:
+        """Captions of normalised images ``x`` (B, 3, H, W) with the task's beam size."""
+        inner = unwrap_model(model)
+        ids = inner.generate(x, self.args["max_len"] - 1, beam_size=self.args["beam_size"])
+        return [self.tokenizer.decode(row) for row in ids.tolist()]
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, device: torch.device
+    ) -> dict[str, Any]:
+        dataset = loader.dataset
+        hyps: list[str] = []
+        refs: list[list[str]] = []
+        total_loss, n_tokens = 0.0, 0
+        for batch in loader:
+            x, tokens, index = self.prepare_batch(batch, device)
+            # Loss per predicted token of each image's first reference, without smoothing.
+            count = int((tokens[:, 1:] != self.tokenizer.pad_id).sum())
+            total_loss += self._loss(model, x, tokens, 0.0).item() * count
+            n_tokens += count
+            hyps += self.caption(model, x)
+            refs += [dataset.references[i] for i in index.tolist()]
+        return {
+            **bleu_scores(hyps, refs),
+            "cider": cider_d(hyps, refs),
+            "loss": total_loss / n_tokens,
+            "n": len(hyps),
+        }
+
+    # -- TensorBoard ----------------------------------------------------------------------------
+    def on_epoch_end(self, writer: Any, model: nn.Module, step: int, epoch: int) -> None:
+        if writer is None or self._val is None:
+            return
+        ds = self._val
+        k = min(self.args["sample_images"], len(ds))
+        device = next(model.parameters()).device
+        # The same images every epoch: the first k of the validation split.
+        images = torch.stack([ds[i][0] for i in range(k)])  # uint8 (k, 3, H, W)
+        x, _, _ = self.prepare_batch((images, ds.tokens[:k], torch.arange(k)), device)
+        captions = self.caption(model, x)
+        rows = ["| image | generated | reference |", "|---|---|---|"]
+        rows += [f"| {i} | {c} | {ds.references[i][0]} |" for i, c in enumerate(captions)]
+        writer.add_text("captions/samples", "\n".join(rows), step)
+        for i, caption in enumerate(captions):
+            writer.add_image(
+                f"captions/attention_{i}",
+                attention_strip(model, x[i : i + 1], images[i].float() / 255, caption, self),
+                step,
+            )
+
+
+def attention_strip(
+    model: nn.Module, x: Tensor, display: Tensor, caption: str, task: CaptionTask | Tokenizer
+) -> Tensor:
+    """One (3, H', W') picture: the image, then for each word of ``caption`` the last decoder
+    block's cross-attention (word → patches) over the image, labelled with the word."""
+    from PIL import Image, ImageDraw
+
+    from vit.rollout import normalize_maps, overlay
+
+    tok = task.tokenizer if isinstance(task, CaptionTask) else task
+    inner = unwrap_model(model)
+    ids, _, _ = tok.encode(caption)
+    words = Tokenizer.split(caption)
+    # Inputs <bos> w1 .. wn: row t of the maps is where the model looked to predict word t+1.
+    tokens = torch.tensor([ids[:-1]], device=x.device)
+    maps = cross_attention_maps(inner, x, tokens)[0, : len(words)].float()  # (n, gh, gw)
+    scale = max(1, 64 // display.shape[-1])
+    size = (display.shape[-2] * scale, display.shape[-1] * scale)
+    big = torch.nn.functional.interpolate(display[None].cpu(), size=size, mode="nearest")[0]
+    heat = torch.nn.functional.interpolate(maps[:, None].cpu(), size=size, mode="bilinear")[:, 0]
+    heat = normalize_maps(heat)
+    panels = [big, *overlay(big.expand(len(heat), -1, -1, -1), heat)]
+    words = ["", *words]
+    label_h = 12
+    h, w = size
+    canvas = Image.new("RGB", (len(panels) * (w + 2), h + label_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, (panel, word) in enumerate(zip(panels, words, strict=True)):
+        arr = (panel.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        canvas.paste(Image.fromarray(arr), (j * (w + 2), 0))
+        draw.text((j * (w + 2) + 1, h), word, fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)  # uint8 (3, H', W')

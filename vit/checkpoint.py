@@ -1,0 +1,325 @@
+"""Checkpoints: atomic save, safe load, structure validation, rebuilding the model, RNG state.
+
+A training checkpoint (``last.pt``, ``best.pt``) is a ``torch.save`` archive of plain data and
+tensors, read with ``torch.load(..., weights_only=True)``: loading one never runs code. It holds
+``format``, ``task``, ``task_state`` (class names, preprocessing, vocabulary), ``config`` (the
+run's :class:`~vit.config.RunConfig` as a mapping), ``model_spec`` (the model's name and keyword
+arguments), ``model`` and optionally ``ema`` (state dicts), plus what resuming needs (optimizer,
+scaler, progress, RNG states). Every file from elsewhere is validated before it is used, and a
+``model_spec`` is built only when the weights stored beside it can fill it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import random
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vit.errors import CheckpointError
+from vit.preprocess import Preprocess
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "CheckpointSaveError",
+    "checkpoint_preprocess",
+    "load_checkpoint",
+    "load_model",
+    "load_weights",
+    "read_state_dict",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "strip_wrapper_prefixes",
+]
+
+CHECKPOINT_FORMAT = "vit.train/1"
+# What a training checkpoint must hold, with the type of each entry.
+_REQUIRED = {
+    "task": str,
+    "task_state": dict,
+    "config": dict,
+    "model_spec": dict,
+    "model": dict,
+}
+# torch.compile wraps a model as `_orig_mod`, DDP as `module`, in either order and nesting.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the previous file is intact."""
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    """Write atomically: a temporary file, then a rename, so a crash never leaves half a file.
+
+    Raises:
+        CheckpointSaveError: the write failed (disk full, no permission); the temporary file is
+            removed and any earlier file at ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if _is_enospc(e) else (str(e).splitlines() or ["?"])[0]
+        kept = f"; {path} from the previous save is intact" if path.exists() else ""
+        raise CheckpointSaveError(f"cannot save {path}: {reason}{kept}") from None
+
+
+def _is_enospc(e: BaseException) -> bool:
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with one-line answers for every way a file can be bad."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read {what} {path}: the file is empty")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(
+            f"cannot read {what} {path}: it is truncated or not a PyTorch checkpoint (torch.save "
+            f"writes a zip archive); pass a last.pt or best.pt written by train.py"
+        )
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the refusal below is the answer
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects that would run code when "
+                f"unpickled; only checkpoints of tensors and plain data load"
+            ) from None
+        raise CheckpointError(
+            f"cannot read {what} {path}: it is corrupt, or a plain pickle (never loaded, as "
+            f"unpickling can run code)"
+        ) from None
+    except PermissionError:
+        raise CheckpointError(f"cannot read {what} {path}: permission denied") from None
+    except Exception as e:  # any other failure to parse the file (zip, struct, EOF, ...)
+        first = (str(e) or type(e).__name__).split(". ")[0].splitlines()[0]
+        raise CheckpointError(
+            f"cannot read {what} {path}: the file is truncated or corrupt ({first})"
+        ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a training checkpoint (``weights_only=True``: no code runs).
+
+    Raises:
+        CheckpointError: missing, empty, truncated, corrupt, unsafe, not a ``vit`` training
+            checkpoint, or missing an entry (or holding one of the wrong type).
+    """
+    path = Path(path)
+    ckpt = _torch_load(path, "checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a vit training checkpoint (no format {CHECKPOINT_FORMAT!r}); for timm "
+            f"or plain state dicts use --init-from or vit.timm_interop.load_pretrained"
+        )
+    problems = [
+        f"{key!r} is missing" if key not in ckpt else f"{key!r} is not a {tp.__name__}"
+        for key, tp in _REQUIRED.items()
+        if not isinstance(ckpt.get(key), tp)
+    ]
+    spec = ckpt.get("model_spec")
+    if isinstance(spec, dict) and not (
+        isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs"), dict)
+    ):
+        problems.append("'model_spec' needs a name (str) and kwargs (dict)")
+    for key in ("model", "ema"):
+        state = ckpt.get(key)
+        if isinstance(state, dict) and not all(isinstance(v, Tensor) for v in state.values()):
+            problems.append(f"{key!r} holds entries that are not tensors")
+    if problems:
+        no_model = "holds no model, " if not isinstance(ckpt.get("model"), dict) else ""
+        raise CheckpointError(
+            f"checkpoint {path} {no_model}is malformed: {'; '.join(problems)}; pass a last.pt or "
+            f"best.pt written by train.py"
+        )
+    return ckpt
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Parameter names without the prefixes that ``torch.compile`` (``_orig_mod.``) and DDP /
+    ``nn.DataParallel`` (``module.``) add, in any order and nesting."""
+
+    def strip(key: str) -> str:
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key
+
+    return {strip(k): v for k, v in state.items()}
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The weights in a file: a ``.safetensors`` file, a ``vit`` checkpoint (its EMA weights when
+    it has them), an export folder's ``model.safetensors``, or a ``torch.save``-d state dict
+    (timm's, possibly under ``model``/``state_dict``); wrapper prefixes are stripped.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, unsafe or holds no state dict.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError(f"weights file {path} does not exist")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return strip_wrapper_prefixes(load_file(path, device="cpu"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot read weights {path}: not a valid safetensors file ({e})"
+            ) from None
+    source = _torch_load(path, "weights file")
+    if isinstance(source, dict) and source.get("format") == CHECKPOINT_FORMAT:
+        source = source.get("ema") or source.get("model")
+    # Training scripts wrap the weights: {"model": state_dict, "optimizer": ..., ...}.
+    for wrapper in ("model", "state_dict", "model_state_dict"):
+        if isinstance(source, dict) and isinstance(source.get(wrapper), Mapping):
+            source = source[wrapper]
+            break
+    if not isinstance(source, Mapping) or not source:
+        raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors)")
+    bad = [k for k, v in source.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries {bad[:5]} of its state dict are not tensors")
+    return strip_wrapper_prefixes(source)
+
+
+def _build_bounded(spec: dict[str, Any], task: str, state: dict[str, Tensor], path: Path) -> Any:
+    """Build ``spec``'s model, refusing specs larger than the weights stored beside them (a
+    crafted ``model_spec`` could otherwise ask for any amount of memory): the model is laid out
+    on the meta device first, which allocates nothing."""
+    from vit.tasks import get_task
+
+    task_cls = get_task(task)
+    stored = sum(v.numel() for v in state.values())
+    try:
+        with torch.device("meta"):
+            needed = sum(p.numel() for p in task_cls.model_from_spec(spec).parameters())
+        if needed > stored:
+            raise CheckpointError(
+                f"checkpoint {path} is malformed: its model_spec asks for {needed:,} parameters "
+                f"but it stores {stored:,} weights"
+            )
+        return task_cls.model_from_spec(spec)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"checkpoint {path} has a model_spec this version cannot build ({spec.get('name')!r}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+
+
+def load_model(
+    path: str | Path, weights: Literal["auto", "ema", "model"] = "auto"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint, in eval mode on the CPU. Returns ``(model, checkpoint)``;
+    :func:`checkpoint_preprocess` gives its input preprocessing, ``checkpoint["task_state"]`` e.g.
+    its class names.
+
+    ``weights``: ``auto`` the EMA weights when the run kept them (what training validated), else
+    the raw ones; ``ema`` the EMA weights (an error without them); ``model`` the raw weights.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`; ``weights="ema"`` without EMA weights; a
+            model that does not match its stored weights.
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    if weights == "ema" and ckpt.get("ema") is None:
+        raise CheckpointError(
+            f"{path} has no EMA weights (the run was trained without --ema); use --weights model "
+            f"or --weights auto"
+        )
+    use_ema = weights != "model" and ckpt.get("ema") is not None
+    state = strip_wrapper_prefixes(ckpt["ema"] if use_ema else ckpt["model"])
+    model = _build_bounded(ckpt["model_spec"], ckpt["task"], state, path)
+    load_weights(model, state, path, ckpt["model_spec"])
+    return model.eval(), ckpt
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, spec: Any) -> None:
+    """``model.load_state_dict(state)`` (wrapper prefixes stripped), or a one-line error.
+
+    Raises:
+        CheckpointError: the weights belong to another architecture.
+    """
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(state))
+    except RuntimeError as e:
+        detail = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise CheckpointError(
+            f"checkpoint {path} holds another architecture ({spec}) than this run's model "
+            f"({detail.strip()}); use the same --model and model_args, or another --out-dir"
+        ) from None
+
+
+def checkpoint_preprocess(ckpt: dict[str, Any]) -> Preprocess:
+    """The :class:`~vit.preprocess.Preprocess` a checkpoint's model was trained with.
+
+    Raises:
+        CheckpointError: the checkpoint records none (a task without image preprocessing).
+    """
+    state = ckpt["task_state"]
+    if isinstance(state.get("preprocess"), dict):
+        try:
+            return Preprocess.from_dict(state["preprocess"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint's preprocessing record is malformed: {e}") from e
+    # Checkpoints from before the record: classifiers kept their statistics, captioners squashed.
+    img_size = ckpt["config"].get("img_size")
+    if isinstance(img_size, int) and "mean" in state:
+        return Preprocess(img_size, tuple(state["mean"]), tuple(state["std"]))
+    if isinstance(img_size, int) and ckpt["task"] == "caption":
+        return Preprocess(img_size, resize="squash")
+    raise CheckpointError("the checkpoint records no input preprocessing")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (torch, CUDA, numpy, Python), as checkpoint data."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` recorded."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,310 @@
+"""The run configuration: :class:`RunConfig`, its validation, YAML files and the command line.
+
+``python train.py --config FILE --key value ...``: the command line wins over the file; every
+field is one ``--option`` (underscores become dashes). A bad value is a :class:`ConfigError` that
+names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from vit.errors import CliParser, ConfigError, did_you_mean
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "build_parser",
+    "load_config",
+    "make_config",
+    "parse_args",
+    "resolve_device",
+]
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run. YAML files and ``--key value`` options set these
+    fields (the command line wins over the file); the resolved config is saved as
+    ``config.yaml``."""
+
+    task: str = _opt("classify", "what to train: a name in vit.tasks.TASKS")
+    data: str = _opt("synthetic", "dataset name; valid names depend on --task")
+    data_dir: str = _opt("data", "where the dataset lives (cifar10 downloads into it)")
+    cache_dir: str = _opt("", "decoded-image cache; '' = $XDG_CACHE_HOME/vit or ~/.cache/vit")
+    val_fraction: float = _opt(0.1, "validation share of train when DIR has no val/ or test/")
+    img_size: int = _opt(32, "training resolution (images are resized once when decoded)")
+    model: str = _opt("vit_tiny_patch4_32", "a name from vit.models.list_models()")
+    model_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "model keyword overrides, e.g. '{depth: 6}'"}
+    )
+    task_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "options of the task itself (see its docs)"}
+    )
+    epochs: int = _opt(10, "epochs (with --time-limit: the most epochs the schedule may take)")
+    batch_size: int = _opt(128, "images per optimiser step")
+    optimizer: Literal["adamw", "muon"] = _opt(
+        "adamw",
+        "muon: Muon (Jordan et al. 2024; vit.optim) on the blocks' weight matrices, AdamW on "
+        "embeddings, head, norms and biases, one lr for both (Muon's updates are scaled to "
+        "AdamW's RMS)",
+    )
+    lr: float = _opt(1e-3, "peak learning rate")
+    min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
+    weight_decay: float = _opt(
+        0.05, "AdamW decoupled weight decay (not on norms/biases/embeddings)"
+    )
+    beta2: float = _opt(0.999, "AdamW beta2 (also of Muon's AdamW part)")
+    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this; 0 = off")
+    label_smoothing: float = _opt(0.1, "label smoothing (also applied to mixup targets)")
+    mixup: float = _opt(0.0, "mixup alpha (Zhang et al. 2018); 0 = off")
+    cutmix: float = _opt(0.0, "cutmix alpha (Yun et al. 2019); 0 = off")
+    drop_path: float = _opt(0.0, "stochastic depth rate of the last block")
+    ema: bool = _opt(False, "keep EMA weights (timm ModelEmaV3); validation then uses them")
+    ema_decay: float = _opt(0.999, "EMA decay (warmed up from 0, so short runs work)")
+    crop_padding: int = _opt(4, "random crop after zero padding by this many pixels; 0 = off")
+    hflip: bool = _opt(True, "random horizontal flip")
+    tta_hflip: bool = _opt(
+        False, "classify: validate on each image and its mirror image, averaging the softmaxes"
+    )
+    randaugment_ops: int = _opt(0, "RandAugment-style operations per image; 0 = off")
+    randaugment_magnitude: float = _opt(9.0, "RandAugment magnitude, 0-10")
+    cutout: int = _opt(0, "cutout square side in pixels; 0 = off")
+    synthetic_train: int = _opt(5000, "synthetic data: training images")
+    synthetic_val: int = _opt(1000, "synthetic data: validation (and test) images")
+    amp: Literal["bf16", "fp16", "off"] = _opt("off", "autocast dtype; fp16 adds a GradScaler")
+    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto = cuda when available, else cpu")
+    compile: bool = _opt(False, "torch.compile the model")
+    channels_last: bool = _opt(True, "channels-last memory format for images and conv weights")
+    workers: int = _opt(0, "DataLoader worker processes (--loader cpu)")
+    threads: int = _opt(0, "CPU threads of torch (set_num_threads); 0 = torch's default")
+    loader: Literal["auto", "cpu", "device"] = _opt(
+        "auto",
+        "cpu: DataLoader + albumentations; device: images and the whole augmentation policy on "
+        "the training device (vit.data.DeviceLoader); auto: device on CUDA when the data is an "
+        "in-memory image set",
+    )
+    seed: int = _opt(0, "seed of initialisation, data order, augmentation, dropout")
+    out_dir: str = _opt("", "run directory; '' = runs/<task>-<data>")
+    resume: str = _opt("", "'auto' (out-dir/last.pt when present) or a checkpoint path")
+    time_limit: float = _opt(0.0, "minutes: fit warmup+cosine+final eval into this; 0 = off")
+    val_every: int = _opt(
+        1, "epochs between validations and checkpoints (the last epoch always validates)"
+    )
+    save_every: int = _opt(0, "also save last.pt every this many steps; 0 = epoch ends only")
+    log_every: int = _opt(50, "steps between training scalars")
+    rollout_every: int = _opt(
+        1, "epochs between attention-rollout images (at validations); 0 = off"
+    )
+    rollout_images: int = _opt(8, "validation images shown in the rollout grid")
+    rollout_head_fusion: Literal["mean", "max", "min"] = _opt("mean", "rollout head fusion")
+    rollout_discard_ratio: float = _opt(0.0, "rollout: share of lowest weights dropped")
+    rollout_per_layer: bool = _opt(False, "rollout: also log each layer's attention")
+
+
+_POSITIVE = (
+    "img_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "val_every",
+    "log_every",
+    "rollout_images",
+    "ema_decay",
+)
+_NON_NEGATIVE = (
+    "min_lr",
+    "weight_decay",
+    "warmup_epochs",
+    "grad_clip",
+    "mixup",
+    "cutmix",
+    "drop_path",
+    "crop_padding",
+    "randaugment_ops",
+    "randaugment_magnitude",
+    "cutout",
+    "workers",
+    "threads",
+    "time_limit",
+    "save_every",
+    "rollout_every",
+    "rollout_discard_ratio",
+    "synthetic_train",
+    "synthetic_val",
+    "seed",
+)
+_BELOW_ONE = ("label_smoothing", "drop_path", "rollout_discard_ratio", "ema_decay", "beta2")
+
+
+def _fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
+    return tp.__name__
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping like '{{depth: 6}}', got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    hint = did_you_mean(key, known, quote=False)
+    return ConfigError(f"unknown config key {key!r}{hint} (see python train.py --help)")
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """Validate a flat mapping of config keys (YAML keys, underscores) into a :class:`RunConfig`."""
+    fields = _fields()
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown_key(key, list(fields))
+        checked[key] = _check_type(key, value, fields[key])
+    cfg = RunConfig(**checked)
+    for key in _POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)!r}")
+    for key in _BELOW_ONE:
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)!r}")
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr ({cfg.min_lr}) must not exceed lr ({cfg.lr})")
+    if cfg.randaugment_ops > 0:
+        from vit.data.transforms import RANDAUGMENT_OPS
+
+        if cfg.randaugment_ops > len(RANDAUGMENT_OPS):
+            raise ConfigError(
+                f"randaugment_ops is at most {len(RANDAUGMENT_OPS)} (the policy's operations), "
+                f"got {cfg.randaugment_ops}"
+            )
+    if cfg.randaugment_magnitude > 10:
+        raise ConfigError(
+            f"randaugment_magnitude is on a 0-10 scale, got {cfg.randaugment_magnitude}"
+        )
+    if not cfg.out_dir:
+        cfg.out_dir = str(Path("runs") / f"{cfg.task}-{cfg.data}")
+    from vit.tasks import get_task
+
+    get_task(cfg.task).check_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (validated later by :func:`make_config`)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (the shipped ones are in configs/)")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    return values
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{depth: 6}}', got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``--config FILE`` plus one option per :class:`RunConfig` field (``--data-dir``, ...)."""
+    p = CliParser(
+        prog="python train.py",
+        description="Train a Vision Transformer. Options override the --config file.",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="YAML file of config keys (see configs/)")
+    for f in dataclasses.fields(RunConfig):
+        tp = _fields()[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {f.default!r})"}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kw["choices"] = typing.get_args(tp)
+        elif typing.get_origin(tp) is dict:
+            kw["type"], kw["help"] = _yaml_mapping, f.metadata["help"]
+        else:
+            kw["type"] = tp
+        p.add_argument(flag, dest=f.name, **kw)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> RunConfig:
+    """Command line (and its ``--config`` file) → validated :class:`RunConfig`."""
+    parser = build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        opts = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+        hint = did_you_mean(bad.split("=")[0], opts, quote=False)
+        raise ConfigError(f"unknown option {bad!r}{hint} (see python train.py --help)")
+    cli = vars(ns)
+    values = load_config(cli.pop("config")) if "config" in cli else {}
+    return make_config({**values, **cli})
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was requested but no CUDA device is available; use "
+            "--device cpu or --device auto"
+        )
+    return torch.device(name)

@@ -1,0 +1,337 @@
+"""Image captioning: the ViT encoder + a Transformer decoder (masked self-attention,
+cross-attention), with greedy and beam-search generation over a KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from vit.layers import DecoderBlock
+from vit.layers import sinusoidal_position_encoding as sinusoidal_1d
+from vit.models._registry import check_options, create_model, register_config_variant
+from vit.models.vision_transformer import VisionTransformer, ViTConfig
+
+__all__ = ["CaptionConfig", "CaptioningTransformer"]
+
+
+@dataclass
+class CaptionConfig:
+    """Everything that defines a :class:`CaptioningTransformer` besides its encoder's ViTConfig.
+
+    The encoder is any :func:`create_model` ViT variant (``encoder``) built with ``num_classes=0``
+    and ``encoder_kwargs`` overriding its defaults; the decoder has the encoder's width unless
+    ``decoder_dim`` says otherwise (cross-attention then projects the memory to that width).
+    """
+
+    encoder: str = "vit_tiny_patch4_32"
+    encoder_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vocab_size: int = 1000  # set from the tokenizer: len(tokenizer)
+    # Longest token sequence the decoder sees, <bos> and <eos> included: the length of the
+    # positional-encoding table and of the training sequences.
+    max_len: int = 32
+    decoder_dim: int | None = None  # None: the encoder's width
+    decoder_depth: int = 4
+    decoder_heads: int | None = None  # None: the encoder's head count
+    decoder_mlp_ratio: float = 4.0
+    decoder_drop_rate: float = 0.0  # dropout on the embedded tokens and inside the blocks
+    decoder_attn_drop_rate: float = 0.0
+    decoder_drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    # The tokenizer's special ids (vit.captions.Tokenizer puts them first in this order).
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "max_len", "decoder_depth"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("decoder_dim", "decoder_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                problems.append(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("decoder_drop_rate", "decoder_attn_drop_rate", "decoder_drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if max(self.pad_id, self.bos_id, self.eos_id) >= self.vocab_size:
+            problems.append(
+                f"vocab_size {self.vocab_size} does not cover the special ids (pad {self.pad_id}, "
+                f"bos {self.bos_id}, eos {self.eos_id}); pass vocab_size=len(tokenizer)"
+            )
+        if problems:
+            raise ValueError("invalid CaptionConfig: " + "; ".join(problems))
+
+
+class CaptioningTransformer(nn.Module):
+    """Image captioner: our ViT encoder → memory (B, 1+N, D) → a pre-norm Transformer decoder
+    (Vaswani et al. 2017 §3.1; the "Show, Attend and Tell" recipe of Xu et al. 2015 with attention
+    replaced by Transformer cross-attention) → vocabulary logits.
+
+    Tokens are embedded, scaled by ``sqrt(D)`` and summed with the sinusoidal encoding (Vaswani et
+    al. §3.4–3.5); the output projection shares the embedding matrix (weight tying, Press & Wolf
+    2017, as in Vaswani et al. §3.4).
+    """
+
+    def __init__(self, config: CaptionConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        base = config or CaptionConfig()
+        caption_overrides, encoder_overrides = _checked_caption(overrides)
+        encoder_kwargs = {
+            **base.encoder_kwargs,
+            **caption_overrides.pop("encoder_kwargs", {}),
+            **encoder_overrides,
+        }
+        cfg = dataclasses.replace(base, **caption_overrides, encoder_kwargs=encoder_kwargs)
+        self.config = cfg
+        self.encoder = create_model(cfg.encoder, **{**cfg.encoder_kwargs, "num_classes": 0})
+        if not isinstance(self.encoder, VisionTransformer):
+            raise TypeError(f"encoder {cfg.encoder!r} is not a VisionTransformer variant")
+        enc_dim = self.encoder.num_features
+        d = cfg.decoder_dim or enc_dim
+        heads = cfg.decoder_heads or self.encoder.config.num_heads
+        if d % heads != 0 or d % 2 != 0:
+            raise ValueError(
+                f"decoder width {d} must be even and divisible by decoder_heads={heads}; pass "
+                f"decoder_dim / decoder_heads that fit (e.g. decoder_heads="
+                f"{[h for h in range(1, 17) if d % h == 0]})"
+            )
+        self.embed_dim = d
+        self.token_embed = nn.Embedding(cfg.vocab_size, d)
+        self.embed_scale = d**0.5
+        self.register_buffer(
+            "pos_embed", sinusoidal_1d(cfg.max_len, d), persistent=False
+        )  # (max_len, D)
+        self.embed_drop = nn.Dropout(cfg.decoder_drop_rate)
+        dpr = torch.linspace(
+            0, cfg.decoder_drop_path_rate, cfg.decoder_depth, device="cpu"
+        ).tolist()
+        self.blocks = nn.ModuleList(
+            DecoderBlock(
+                d,
+                num_heads=heads,
+                mlp_ratio=cfg.decoder_mlp_ratio,
+                proj_drop=cfg.decoder_drop_rate,
+                attn_drop=cfg.decoder_attn_drop_rate,
+                drop_path=dpr[i],
+                context_dim=enc_dim,
+                norm_eps=cfg.norm_eps,
+            )
+            for i in range(cfg.decoder_depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self._init_decoder()
+        self.head.weight = self.token_embed.weight  # tied after init: one matrix, both roles
+
+    def _init_decoder(self) -> None:
+        for m in [*self.blocks.modules(), self.head]:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.token_embed.weight, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def load_encoder(self, source: str | os.PathLike[str] | dict[str, Tensor]) -> None:
+        """Initialise the encoder from a classification checkpoint: a path, a state dict or a
+        training checkpoint holding one under ``"model"``, ours or timm's.
+
+        :func:`vit.timm_interop.load_pretrained` does the loading (key names, position-embedding
+        resampling, the classifier head dropped); anything else that does not fit is a
+        ``ValueError`` naming the keys.
+        """
+        from vit.timm_interop import load_pretrained
+
+        load_pretrained(self.encoder, source)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def forward_memory(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) → encoder memory (B, prefix+N, D_enc)."""
+        return self.encoder.forward_features(images)
+
+    def decode(
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        *,
+        padding_mask: Tensor | None = None,
+        caches: list[dict[str, dict[str, Tensor]]] | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Tokens (B, T) at positions ``start..start+T-1`` → logits (B, T, V) (``last_only``:
+        only the last position's, (B, 1, V), as generation needs).
+
+        ``caches`` (one dict per block, owned by the caller) keep self-attention keys/values of
+        earlier positions and the memory's cross-attention keys/values between decode steps.
+        """
+        if tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise TypeError(
+                f"tokens must be a (B, T) int64 tensor, got {tokens.dtype} of shape "
+                f"{tuple(tokens.shape)}"
+            )
+        end = start + tokens.shape[1]
+        if end > self.config.max_len:
+            raise ValueError(
+                f"sequence of {end} tokens is longer than the model's max_len="
+                f"{self.config.max_len}; truncate the captions or build the model with a larger "
+                f"max_len"
+            )
+        x = self.token_embed(tokens) * self.embed_scale + self.pos_embed[start:end]  # (B, T, D)
+        x = self.embed_drop(x)
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            x = block(x, memory, padding_mask=padding_mask, cache=cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))  # (B, T, V)
+
+    def forward(self, images: Tensor, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Teacher forcing: images (B, C, H, W), input tokens (B, T) starting with ``<bos>``
+        → next-token logits (B, T, V). ``padding_mask`` (B, T) marks padding with True."""
+        return self.decode(tokens, self.forward_memory(images), padding_mask=padding_mask)
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Tensor,
+        max_len: int | None = None,
+        beam_size: int = 1,
+        *,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Caption images: token ids (B, L) after ``<bos>``, ``<eos>`` included, ``<pad>`` after it.
+
+        ``max_len``: the most tokens to generate (default: as many as the positional table allows,
+        ``config.max_len - 1``). ``beam_size`` 1 is greedy decoding; larger runs beam search ranking
+        hypotheses by their summed log-probability (no length penalty). With ``use_cache`` each
+        step feeds only the newest token and reuses the keys/values of the earlier ones; without
+        it every step re-runs the decoder over the whole prefix (the reference for tests and the
+        speed benchmark).
+        """
+        return self.generate_from_memory(
+            self.forward_memory(images), max_len, beam_size, use_cache=use_cache
+        )
+
+    @torch.no_grad()
+    def generate_from_memory(
+        self,
+        memory: Tensor,
+        max_len: int | None = None,
+        beam_size: int = 1,
+        *,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """:meth:`generate` for encoder memory (B, S, D_enc) computed by :meth:`forward_memory`."""
+        limit = self.config.max_len - 1
+        max_len = limit if max_len is None else max_len
+        if not isinstance(max_len, int) or not 1 <= max_len <= limit:
+            raise ValueError(
+                f"max_len must be an integer in [1, {limit}] (the model's max_len minus <bos>), "
+                f"got {max_len!r}"
+            )
+        if not isinstance(beam_size, int) or not 1 <= beam_size <= self.config.vocab_size:
+            raise ValueError(
+                f"beam_size must be an integer in [1, vocab_size={self.config.vocab_size}], "
+                f"got {beam_size!r}"
+            )
+        if beam_size == 1:
+            return self._greedy(memory, max_len, use_cache)
+        return self._beam_search(memory, max_len, beam_size, use_cache)
+
+    def _step(self, seq: Tensor, memory: Tensor, caches: list | None) -> Tensor:
+        """Log-probabilities (B, V) of the token after ``seq`` (B, t)."""
+        if caches is None:
+            logits = self.decode(seq, memory, last_only=True)
+        else:
+            logits = self.decode(seq[:, -1:], memory, caches=caches, start=seq.shape[1] - 1)
+        return logits[:, -1].float().log_softmax(dim=-1)
+
+    def _greedy(self, memory: Tensor, max_len: int, use_cache: bool) -> Tensor:
+        cfg = self.config
+        b = memory.shape[0]
+        seq = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=memory.device)
+        done = torch.zeros(b, dtype=torch.bool, device=memory.device)
+        caches = [{} for _ in self.blocks] if use_cache else None
+        for _ in range(max_len):
+            nxt = self._step(seq, memory, caches).argmax(dim=-1)  # (B,)
+            nxt = nxt.masked_fill(done, cfg.pad_id)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            done |= nxt == cfg.eos_id
+            if bool(done.all()):
+                break
+        return seq[:, 1:]
+
+    def _beam_search(self, memory: Tensor, max_len: int, k: int, use_cache: bool) -> Tensor:
+        cfg = self.config
+        b, dev = memory.shape[0], memory.device
+        memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, D): beam j of image i at i·K + j
+        seq = torch.full((b * k, 1), cfg.bos_id, dtype=torch.long, device=dev)
+        # Only the first beam is live at the start, so the K initial hypotheses are distinct.
+        scores = torch.full((b, k), float("-inf"), device=dev)
+        scores[:, 0] = 0.0
+        done = torch.zeros(b * k, dtype=torch.bool, device=dev)
+        caches = [{} for _ in self.blocks] if use_cache else None
+        # A finished hypothesis can only be extended by <pad>, at no cost, so it keeps competing
+        # with its unchanged score.
+        pad_row = torch.full((cfg.vocab_size,), float("-inf"), device=dev)
+        pad_row[cfg.pad_id] = 0.0
+        for _ in range(max_len):
+            logp = self._step(seq, memory, caches)  # (B·K, V)
+            logp = torch.where(done[:, None], pad_row, logp)
+            cand = rearrange(scores, "b k -> (b k) 1") + logp
+            scores, idx = rearrange(cand, "(b k) v -> b (k v)", k=k).topk(k, dim=1)  # (B, K)
+            beam, tok = idx // cfg.vocab_size, idx % cfg.vocab_size
+            src = (torch.arange(b, device=dev)[:, None] * k + beam).flatten()  # (B·K,)
+            tok = tok.flatten()
+            seq = torch.cat([seq[src], tok[:, None]], dim=1)
+            done = done[src] | (tok == cfg.eos_id)
+            if caches is not None:  # the memory's keys/values are the same within an image
+                for cache in caches:
+                    cache["self"] = {name: t[src] for name, t in cache["self"].items()}
+            if bool(done.all()):
+                break
+        # topk returns the hypotheses best first: beam 0 of each image is its best caption.
+        return rearrange(seq, "(b k) t -> b k t", k=k)[:, 0, 1:]
+
+
+def _checked_caption(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword overrides: CaptionConfig fields stay, ViTConfig fields go to the encoder."""
+    check_options(overrides, CaptionConfig, ViTConfig, what="captioning model")
+    cap_fields = {f.name for f in dataclasses.fields(CaptionConfig)}
+    out = {k: v for k, v in overrides.items() if k in cap_fields}
+    enc = {k: v for k, v in overrides.items() if k not in cap_fields}
+    if "num_classes" in enc:
+        raise ValueError("a captioner's encoder has no classifier head: drop num_classes")
+    return out, enc
+
+
+# Caption variants: encoder = the named ViT variant; decoder = the encoder's width and heads.
+#   caption_tiny_patch4_32  ViT-Ti encoder (DeiT, Touvron et al. 2021, Tab. 1) + 4 decoder blocks
+#   caption_mini_patch8_32  ours: a 96-wide, 3-deep, 4-head encoder on 8-pixel patches (4x4 = 16
+#                           tokens) + 2 decoder blocks, sized to learn the `shapes` captions in
+#                           minutes on a laptop CPU (configs/caption_shapes.yaml)
+_CAPTION_VARIANTS = {
+    "caption_tiny_patch4_32": dict(encoder="vit_tiny_patch4_32", decoder_depth=4),
+    "caption_mini_patch8_32": dict(
+        encoder="vit_tiny_patch4_32",
+        encoder_kwargs=dict(patch_size=8, embed_dim=96, depth=3, num_heads=4),
+        decoder_depth=2,
+    ),
+}
+
+
+for _name, _defaults in _CAPTION_VARIANTS.items():
+    register_config_variant(
+        _name, lambda d, o: CaptioningTransformer(CaptionConfig(**d), **o), _defaults
+    )

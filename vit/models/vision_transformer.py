@@ -1,0 +1,248 @@
+"""The Vision Transformer classifier and its named variants.
+
+ViT: Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words: Transformers for Image Recognition at
+Scale".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vit.layers import EncoderBlock, PatchDropout, PatchEmbedding, sincos_2d_position_encoding
+from vit.layers import sinusoidal_position_encoding as sinusoidal_1d
+from vit.models._registry import check_options, register_config_variant
+
+__all__ = ["ViTConfig", "VisionTransformer"]
+
+
+@dataclass
+class ViTConfig:
+    """Everything that defines a :class:`VisionTransformer`'s architecture."""
+
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 10  # 0: no head, forward() returns the pooled features
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3  # head width = embed_dim / num_heads; attention scales by its inverse sqrt
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    # "cls": classify from a learned [class] token (ViT). "mean": average the patch tokens, which
+    # works as well on small images and needs no extra token (Beyer et al. 2022).
+    pool: Literal["cls", "mean"] = "cls"
+    # "learned" (ViT), "sincos2d" (fixed 2-D, Beyer et al. 2022) or "sinusoidal" (fixed 1-D of
+    # Vaswani et al. 2017 over the flattened patch order). Fixed encodings give the class token 0.
+    pos_embed: Literal["learned", "sincos2d", "sinusoidal"] = "learned"
+    class_token: bool | None = None  # None: a class token exactly when pool == "cls"
+    # timm's layout for average pooling: LayerNorm after pooling instead of before it. With it,
+    # forward_features returns tokens before that norm (as timm's does).
+    fc_norm: bool = False
+    drop_rate: float = 0.0  # dropout after the position embedding and before the head
+    proj_drop_rate: float = 0.0  # dropout inside the blocks (attention output, feed-forward)
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, increasing linearly with depth to this value
+    # Training only: the share of patch tokens each sample drops before the blocks (patch dropout,
+    # Liu et al. 2022): 0.5 runs the blocks on half the tokens. Evaluation sees all of them.
+    patch_drop_rate: float = 0.0
+    layer_scale_init: float | None = None  # CaiT layer scale; None: off
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.class_token is None:
+            self.class_token = self.pool == "cls"
+        problems = []
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            problems.append(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        if self.pool not in ("cls", "mean"):
+            problems.append(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool == "cls" and not self.class_token:
+            problems.append("pool='cls' needs class_token=True")
+        if self.pos_embed not in ("learned", "sincos2d", "sinusoidal"):
+            problems.append(
+                f"pos_embed must be 'learned', 'sincos2d' or 'sinusoidal', got {self.pos_embed!r}"
+            )
+        for name in (
+            "drop_rate",
+            "proj_drop_rate",
+            "attn_drop_rate",
+            "drop_path_rate",
+            "patch_drop_rate",
+        ):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.mlp_ratio <= 0:
+            problems.append(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        if problems:
+            raise ValueError("invalid ViTConfig: " + "; ".join(problems))
+        if self.img_size % self.patch_size != 0:
+            divisors = [d for d in range(1, 33) if self.img_size % d == 0]
+            raise ValueError(
+                f"image size {self.img_size} is not divisible by patch size {self.patch_size}; "
+                f"use a patch size from {divisors} or another image size"
+            )
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+                f"choose a head count that divides the width (e.g. "
+                f"{[h for h in range(1, 17) if self.embed_dim % h == 0]})"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al. 2021): patches as words, a pre-norm Transformer encoder, a head.
+
+    Stage API as in timm: :meth:`forward_features` (B, prefix+N, D) after the final norm,
+    :meth:`forward_head` (pooling + classifier), :meth:`no_weight_decay`.
+    """
+
+    def __init__(self, config: ViTConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        check_options(overrides, ViTConfig)
+        cfg = dataclasses.replace(config or ViTConfig(), **overrides)
+        self.config = cfg
+        d = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.num_features = d
+        self.patch_embed = PatchEmbedding(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, dim=d
+        )
+        self.num_prefix_tokens = 1 if cfg.class_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d))
+        else:
+            fixed = (
+                sincos_2d_position_encoding(cfg.grid_size, cfg.grid_size, d)
+                if cfg.pos_embed == "sincos2d"
+                else sinusoidal_1d(self.patch_embed.num_patches, d)
+            )
+            prefix = torch.zeros(self.num_prefix_tokens, d)
+            self.register_buffer("pos_embed", torch.cat([prefix, fixed])[None], persistent=False)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.patch_drop = PatchDropout(cfg.patch_drop_rate, self.num_prefix_tokens)
+        # On CPU explicitly, so that models can be built under `with torch.device("meta")`.
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
+        self.blocks = nn.Sequential(
+            *[
+                EncoderBlock(
+                    d,
+                    num_heads=cfg.num_heads,
+                    mlp_ratio=cfg.mlp_ratio,
+                    qkv_bias=cfg.qkv_bias,
+                    proj_drop=cfg.proj_drop_rate,
+                    attn_drop=cfg.attn_drop_rate,
+                    drop_path=dpr[i],
+                    layer_scale_init=cfg.layer_scale_init,
+                    norm_eps=cfg.norm_eps,
+                )
+                for i in range(cfg.depth)
+            ]
+        )
+        self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """timm's ViT initialisation: truncated normal (std 0.02) for linear layers and the learned
+        position embedding, a near-zero class token, zero biases, a zero-initialised head."""
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if isinstance(self.head, nn.Linear):  # a zero head starts at uniform predictions
+            nn.init.zeros_(self.head.weight)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides norms and biases (timm's convention)."""
+        return {"pos_embed", "cls_token"}
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) → tokens (B, prefix+N, D) with positions, before the blocks."""
+        self.patch_embed.check_input(x)
+        x = self.patch_embed(x)  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        return self.patch_drop(self.pos_drop(x + self.pos_embed))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) → tokens (B, prefix+N, D), after the final norm."""
+        return self.norm(self.blocks(self._embed(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens (B, prefix+N, D) → logits (B, num_classes) (or pooled features (B, D))."""
+        x = x[:, 0] if self.config.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) → logits; equal to ``forward_head(forward_features(x))``."""
+        if self.config.pool != "cls" or self.blocks[-1].attn.recorder is not None:
+            return self.forward_head(self.forward_features(x))
+        # The head reads only the class token, and no other output of the last block reaches it:
+        # that block runs for the class token alone, still attending to every token. Same logits
+        # and gradients, minus the last block's output projection and MLP for every patch (a
+        # ~1/depth saving timm does not make). Recording attention (rollout) takes the full path.
+        *blocks, last = self.blocks
+        x = self._embed(x)
+        for block in blocks:
+            x = block(x)
+        return self.forward_head(self.norm(last(x, num_queries=1)))  # (B, 1, D) → logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Named variants
+# ----------------------------------------------------------------------------------------------
+# Sizes (width / depth / heads; MLP ratio 4 throughout):
+#   Ti  192 / 12 /  3   Touvron et al. 2021, "Training data-efficient image transformers"
+#                       (DeiT), Tab. 1
+#   S   384 / 12 /  6   Touvron et al. 2021 (DeiT), Tab. 1
+#   B   768 / 12 / 12   Dosovitskiy et al. 2021 (ViT), Tab. 1
+# `patch4_32`: 4-pixel patches on 32-pixel images (8x8 = 64 tokens, CIFAR); `patch16_224`: the
+# ImageNet geometry of the papers (14x14 = 196 tokens).
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _build(defaults: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
+    # One ViTConfig from both, so that derived defaults (class_token from pool) follow overrides.
+    check_options(overrides, ViTConfig)
+    return VisionTransformer(ViTConfig(**{**defaults, **overrides}))
+
+
+for _size, _dims in _SIZES.items():
+    register_config_variant(
+        f"vit_{_size}_patch4_32", _build, dict(img_size=32, patch_size=4, **_dims)
+    )
+    register_config_variant(
+        f"vit_{_size}_patch16_224",
+        _build,
+        dict(img_size=224, patch_size=16, num_classes=1000, **_dims),
+    )

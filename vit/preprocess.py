@@ -1,0 +1,214 @@
+"""The one path from an image file to model input: decode, resize/crop, normalise.
+
+Training (image folders, caption datasets), ``vit.evaluate``, ``vit.predict``, ``vit.rollout`` and
+``vit.caption`` all read files through :func:`decode_image` and a :class:`Preprocess`, and a
+checkpoint records its :class:`Preprocess` (``task_state["preprocess"]``), so inference feeds a
+model exactly what it was trained on.
+
+Decoding handles, in one place: the image mode (palette, grey, alpha and CMYK images become RGB;
+16-bit images are scaled to 8 bits, not clipped), the EXIF orientation, and a size limit
+(:data:`MAX_IMAGE_PIXELS`) checked from the header before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vit.errors import DataError
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "Preprocess",
+    "decode_image",
+    "display_path",
+    "list_images",
+    "resize_image",
+]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# The largest image decoded: 64 megapixels (8000 x 8000) is 192 MB as 8-bit RGB. Larger files are
+# refused from their header, so a decompression bomb (a small file declaring a huge canvas) never
+# allocates its canvas.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 (Latin-1 names from old archives)
+    appear as ``\\xNN`` escapes instead of failing to print."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def decode_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """Decode an image file as an 8-bit RGB ``PIL.Image``, upright (EXIF orientation applied).
+
+    Grey, palette, alpha and CMYK images are converted to RGB (alpha is dropped); 16-bit and 32-bit
+    integer images are scaled to 8 bits over the full range of their bit depth (PIL's own
+    conversion would clip them to white).
+
+    Raises:
+        DataError: the file is missing, not an image, truncated, of an unsupported mode (floating
+            point), or larger than ``max_pixels`` (checked before decoding).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    shown = display_path(path)
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (or raises) about large images while opening; the limit below answers.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DataError(
+                    f"image {shown} is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the limit of "
+                    f"{max_pixels / 1e6:.0f}; downscale it first"
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb8(im, shown)
+    except FileNotFoundError:
+        raise DataError(f"image not found: {shown}") from None
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"image {shown} declares a canvas over {max_pixels / 1e6:.0f} megapixels; downscale it"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        # PIL raises OSError for truncated files, SyntaxError for some malformed headers.
+        detail = f"{type(e).__name__}: {str(e)[:120]}"
+        raise DataError(
+            f"cannot read image {shown}: {os.path.basename(shown)} is not a readable image "
+            f"({detail}); delete or replace the file"
+        ) from None
+
+
+def _to_rgb8(im: Any, shown: str) -> Any:
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey (and PIL's 32-bit container for it): full scale 65535 maps to 255.
+        arr = np.asarray(im, dtype=np.float64)
+        arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode == "F":
+        raise ValueError(f"floating-point images (mode F) are not supported: {shown}")
+    return im.convert("RGB")
+
+
+def resize_image(
+    im: Any,
+    size: int,
+    *,
+    resize: Literal["center_crop", "squash"] = "center_crop",
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic",
+) -> np.ndarray:
+    """An RGB ``PIL.Image`` → uint8 array (size, size, 3).
+
+    ``center_crop``: the shorter side to ``size``, then the centre square (the aspect ratio is
+    kept; timm's and torchvision's evaluation transform). ``squash``: the whole image to a square.
+    """
+    from PIL import Image
+
+    method = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    if im.size != (size, size):
+        if resize == "squash":
+            im = im.resize((size, size), method[interpolation])
+        else:
+            scale = size / min(im.size)
+            w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+            im = im.resize((w, h), method[interpolation])
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files below ``root`` (recursively, sorted), by extension, skipping hidden files and
+    folders (names starting with ``.``)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [
+            Path(dirpath) / f
+            for f in filenames
+            if not f.startswith(".") and Path(f).suffix.lower() in IMG_EXTENSIONS
+        ]
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model's input is made from a file: decode, resize/crop to ``img_size``, normalise
+    with ``mean``/``std`` (per channel, on [0, 1] pixels). Recorded in checkpoints
+    (:meth:`to_dict`) so inference repeats training's preprocessing."""
+
+    img_size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: Literal["center_crop", "squash"] = "center_crop"
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+    def __post_init__(self) -> None:
+        # A constant channel (std 0, e.g. two-colour images) would turn every input into NaN:
+        # the std is at least one grey level.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(max(float(v), 1 / 255) for v in self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (``weights_only``-safe)."""
+        d = asdict(self)
+        return {**d, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(
+            img_size=int(d["img_size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            resize=d.get("resize", "center_crop"),
+            interpolation=d.get("interpolation", "bicubic"),
+        )
+
+    def load(self, path: str | os.PathLike[str], size: int | None = None) -> Tensor:
+        """Decode and resize/crop one file: uint8 (3, S, S), S = ``size`` or ``img_size``.
+
+        Raises:
+            DataError: as :func:`decode_image`.
+        """
+        return self.resize_image(decode_image(path), size)
+
+    def resize_image(self, im: Any, size: int | None = None) -> Tensor:
+        """Resize/crop a decoded RGB ``PIL.Image`` (:func:`decode_image`): uint8 (3, S, S)."""
+        arr = resize_image(
+            im, size or self.img_size, resize=self.resize, interpolation=self.interpolation
+        )
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 images (..., 3, H, W) → float32, normalised, on the images' device."""
+        mean, std = _stats(self.mean, self.std, images.device)
+        return (images.float() / 255.0 - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`: float [0, 1] images for display."""
+        mean, std = _stats(self.mean, self.std, x.device)
+        return (x.float() * std + mean).clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    # Made once per device, not at every training step (a host-to-device copy each).
+    stats = torch.tensor([mean, std], device=device)
+    return stats[0].view(3, 1, 1), stats[1].view(3, 1, 1)

@@ -1,0 +1,264 @@
+"""A run directory is a transaction: one writer, a config that says what the run uses, logs of
+one run only.
+
+* :class:`RunLock` — ``.lock`` holds the writer's pid and host for the life of a run; a second
+  run into the directory is refused naming the holder; a lock left by a dead process on this host
+  is taken over with a note.
+* :func:`check_out_dir` — a fresh run never mixes with what a folder already holds; ``--resume``
+  from elsewhere never overwrites another run.
+* :func:`resume_changes` — on resume, keys that may change (extending the run, logging cadence,
+  loader workers) are applied and reported; keys that would break exact resume are refused.
+* :func:`write_config` — ``config.yaml`` is always what the run uses; earlier versions are kept as
+  ``config.0.yaml``, ``config.1.yaml``, ...
+* :func:`read_metrics` — ``metrics.jsonl`` read tolerantly: a torn last line (a crash mid-write)
+  is dropped with a note.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vit.config import RunConfig
+from vit.errors import ConfigError
+
+__all__ = [
+    "RESUMABLE_KEYS",
+    "RunLock",
+    "check_out_dir",
+    "read_metrics",
+    "resume_changes",
+    "write_config",
+]
+
+# Keys a resumed run may change; every other key would change what the saved state means.
+RESUMABLE_KEYS = {
+    "epochs": "extends (or shortens) the schedule",
+    "time_limit": "a resumed run keeps its step schedule; extend it with --epochs",
+    "val_every": "validation cadence",
+    "save_every": "checkpoint cadence",
+    "log_every": "logging cadence",
+    "rollout_every": "rollout image cadence",
+    "rollout_images": "rollout images shown",
+    "rollout_head_fusion": "rollout display",
+    "rollout_discard_ratio": "rollout display",
+    "rollout_per_layer": "rollout display",
+    "workers": "loader processes (data are a function of seed, epoch and index)",
+    "threads": "CPU threads (float reductions may then differ in the last bits)",
+    "device": "where the run continues",
+    "compile": "torch.compile",
+    "data_dir": "where the same data lives",
+    "cache_dir": "decoded-image cache",
+}
+# Never compared: how this process was started.
+_IGNORED = {"resume", "out_dir", "overwrite"}
+# What a run writes into its directory (--overwrite removes exactly these).
+_RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "rollout_images.json", "vocab.json")
+_RUN_GLOBS = ("config*.yaml", "events.out.tfevents.*", ".*.pt.tmp")
+
+
+class RunLock:
+    """``out_dir/.lock`` for the life of a run: ``with RunLock(out_dir): ...``.
+
+    Raises:
+        ConfigError: (on entering) another live process holds the directory.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / ".lock"
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        tmp = self.path.with_name(f".lock.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(me))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)  # atomic: fails when a lock exists
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    self._take_over_if_stale()
+            raise ConfigError(f"cannot lock {self.path.parent}: another process took it first")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            holder, pid, host = None, -1, socket.gethostname()  # unreadable: a torn lock file
+        if holder is not None and (host != socket.gethostname() or _alive(pid)):
+            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder.get("started", 0)))
+            raise ConfigError(
+                f"{self.path.parent} is in use by another run (pid {pid} on {host}, since "
+                f"{since}); wait for it, or choose another --out-dir (if that process is gone, "
+                f"delete {self.path})"
+            )
+        who = f"pid {pid}, no longer running" if holder is not None else "unreadable"
+        print(f"note: taking over the stale lock of {self.path.parent} ({who})", file=sys.stderr)
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _run_files(out: Path) -> list[Path]:
+    found = [out / name for name in _RUN_FILES if (out / name).exists()]
+    return found + sorted(p for pattern in _RUN_GLOBS for p in out.glob(pattern))
+
+
+def check_out_dir(cfg: RunConfig, overwrite: bool) -> Path | None:
+    """Decide what the run does with ``cfg.out_dir``: returns the checkpoint to resume from (or
+    ``None`` for a fresh run), after refusing anything that would mix two runs.
+
+    Raises:
+        ConfigError: the folder is a file or not writable; it holds a run and neither
+            ``--resume`` nor ``--overwrite`` was given; ``--resume PATH`` points elsewhere while the
+            folder holds another run.
+    """
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out} is a file; pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create --out-dir {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out-dir {out} is not writable; choose another --out-dir")
+    last = out / "last.pt"
+    existing = _run_files(out)
+    if overwrite and cfg.resume:
+        raise ConfigError("--overwrite starts over and --resume continues: pass one of them")
+    if overwrite:
+        for path in existing:
+            path.unlink()
+        if existing:
+            print(f"note: --overwrite removed {len(existing)} files of the run in {out}")
+        return None
+    if cfg.resume == "auto":
+        if last.is_file():
+            return last
+        if existing:
+            raise ConfigError(_leftovers(out, existing))
+        return None
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not path.is_file():
+            from vit.errors import CheckpointError
+
+            raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file")
+        if existing and path.resolve().parent != out.resolve():
+            raise ConfigError(
+                f"--resume {path} would continue that run in {out}, which holds another run "
+                f"({existing[0].name}, ...); pass an empty --out-dir, or --resume auto to "
+                f"continue the run in {out}"
+            )
+        return path
+    if last.is_file():
+        raise ConfigError(
+            f"{out} already holds a run ({last}); continue it with --resume auto, start over "
+            f"with --overwrite, or choose another --out-dir"
+        )
+    if existing:
+        raise ConfigError(_leftovers(out, existing))
+    return None
+
+
+def _leftovers(out: Path, existing: list[Path]) -> str:
+    names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+    return (
+        f"{out} holds the logs of a run that saved no checkpoint ({names}); start over with "
+        f"--overwrite (removes them) or choose another --out-dir"
+    )
+
+
+def resume_changes(saved: dict[str, Any], cfg: RunConfig, *, augmented: bool) -> list[str]:
+    """The resumable differences between a checkpoint's config and the requested one, one
+    line each; ``augmented``: whether the run draws random augmentation (then the process count
+    must not change).
+
+    Raises:
+        ConfigError: listing every difference that would break exact resume.
+    """
+    now = dataclasses.asdict(cfg)
+    changed = {
+        k: (saved.get(k), v)
+        for k, v in now.items()
+        if k not in _IGNORED and k in saved and saved[k] != v
+    }
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        diffs = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise ConfigError(
+            f"cannot resume with a changed {', '.join(refused)} ({diffs}): the checkpoint's "
+            f"state only continues under its own values; drop those options (config.yaml holds "
+            f"the run's) or start another --out-dir"
+        )
+    return [f"{k}: {old!r} -> {new!r} ({RESUMABLE_KEYS[k]})" for k, (old, new) in changed.items()]
+
+
+def write_config(out: Path, cfg: RunConfig) -> None:
+    """``config.yaml`` := the config the run uses; a different earlier one is kept as
+    ``config.N.yaml`` (N = 0, 1, ...)."""
+    import yaml
+
+    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    path = out / "config.yaml"
+    if path.exists() and path.read_text() != text:
+        n = 0
+        while (out / f"config.{n}.yaml").exists():
+            n += 1
+        shutil.move(path, out / f"config.{n}.yaml")
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` logged at steps ``<= up_to_step`` (what a resumed run
+    keeps; later ones are about to be redone). A torn last line is dropped with a note; a torn
+    line elsewhere is an error naming it.
+
+    Raises:
+        ConfigError: a line other than the last is not JSON.
+    """
+    lines = path.read_text(errors="replace").splitlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines):
+                print(f"note: dropped a torn last line of {path} (line {n})", file=sys.stderr)
+                continue
+            raise ConfigError(
+                f"{path} line {n} is not a metrics record ({line[:60]!r}); remove that line"
+            ) from None
+        if step <= up_to_step:
+            keep.append(line)
+    return keep

@@ -1,0 +1,629 @@
+"""The training engine: the loop, AMP, the schedule, EMA, DDP, checkpoints, exact resume, logging.
+
+The loop owns everything that is the same for every task — optimizer, schedule, AMP, EMA,
+checkpoints, resume, signals, TensorBoard — and asks the :class:`~vit.tasks.Task` for its data,
+model, loss and metrics.
+
+Exact resume: the learning rate is a pure function of the step, data order and augmentation are pure
+functions of ``(seed, epoch, index)`` (:mod:`vit.data`), mixup/cutmix are seeded per step, and a
+checkpoint holds model, optimizer, scaler, EMA, RNG states and the position in the epoch. A run
+killed at any step and resumed with ``--resume auto`` ends with the same weights as one never
+interrupted (on the CPU, same seed and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import signal
+import sys
+import time
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from vit.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from vit.config import RunConfig
+from vit.distributed import init_distributed
+from vit.errors import CheckpointError, ConfigError
+from vit.optim import build_optimizer
+from vit.tasks import get_task
+
+__all__ = ["Diverged", "Interrupted", "Trainer", "lr_at", "train"]
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient became NaN/inf."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved before stopping."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
+    ``total_steps`` (Loshchilov & Hutter 2017, without restarts). A pure function of the step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class _WaitClock:
+    """Time spent waiting in ``next()`` of an iterator (the data loader's share of a step)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def iterate(self, iterable: Any) -> Iterator[Any]:
+        it = iter(iterable)
+        while True:
+            t0 = time.monotonic()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.seconds += time.monotonic() - t0
+            yield item
+
+    def take(self) -> float:
+        """The seconds waited since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    total_steps: int = 0
+    warmup_steps: int = 0
+    best: float = -math.inf
+    best_step: int = -1
+    skipped_steps: int = 0  # fp16: steps the GradScaler skipped (inf/NaN gradients)
+
+
+class Trainer:
+    """One training run: ``Trainer(cfg).fit()`` returns the final validation metrics."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.t_start = time.monotonic()
+        if cfg.threads:
+            # Small models on a CPU run several times faster on one thread than on all cores.
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.rank, self.world_size, self.device = init_distributed(cfg)
+        self.is_main = self.rank == 0  # logs, checkpoints and the progress bar are rank 0's
+        self.out = Path(cfg.out_dir)
+        resume = self._resume_path()
+        ckpt = load_checkpoint(resume) if resume else None
+        task_cls = get_task(cfg.task)
+        if ckpt is not None and ckpt["task"] != cfg.task:
+            raise CheckpointError(f"{resume} is a {ckpt['task']!r} checkpoint, not {cfg.task!r}")
+        self.task = task_cls(cfg, ckpt["task_state"] if ckpt else None)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.train_set = self.task.build_dataset("train")
+        self.val_set = self.task.build_dataset("val")
+        self.steps_per_epoch = len(self.train_set) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} exceeds the {len(self.train_set)} training images; "
+                f"lower --batch-size"
+            )
+        self.model = self.task.build_model().to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg, distributed=self.world_size > 1)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in fp32
+            torch.backends.cudnn.allow_tf32 = True
+            # cuDNN's fused attention backward returns NaN gradients on Hopper GPUs in known
+            # cases (pytorch/pytorch#196678); two bf16 CIFAR runs on an H100 stopped with a NaN
+            # loss (steps 566 and 1268, sound gradient norms before). Flash and memory-efficient
+            # attention take over at the same speed.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        # AMP is decided once here; the loop has no dtype branches.
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True)
+        self.train_model = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP averages the ranks' gradients; each rank's loss is the mean over its share of
+            # the global batch, so a step equals the single-process step on the whole batch.
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+            # The initialisation above is shared; dropout and drop path must differ per rank.
+            torch.manual_seed(cfg.seed + self.rank)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        total = cfg.epochs * self.steps_per_epoch
+        warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), total)
+        self.progress = _Progress(total_steps=total, warmup_steps=warmup)
+        self.resumed_from = resume
+        self.last_metrics: dict[str, Any] = {}  # a checkpoint restores them
+        if ckpt is not None:
+            self._restore(ckpt, resume)
+        self.collate = self.task.collate_fn()
+        self.device_loader = self._use_device_loader()
+        self.train_loader = self._loader(self.train_set, cfg.batch_size, train=True)
+        self.val_loader = self._loader(self.val_set, 2 * cfg.batch_size, train=False)
+        self._signal: int | None = None
+        self._stop = False  # under DDP: some rank was signalled (agreed at each step)
+        self._data_clock = _WaitClock()
+        self._unchecked: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm)
+
+    def _use_device_loader(self) -> bool:
+        """Resolve ``--loader``: the device loader needs in-memory images batched without a collate
+        function, and only pays off on CUDA (``auto``)."""
+        from vit.data import ImageDataset
+
+        cfg = self.cfg
+        why = None
+        if not all(isinstance(d, ImageDataset) for d in (self.train_set, self.val_set)):
+            why = f"task {cfg.task!r} does not keep its data as an in-memory ImageDataset"
+        elif self.collate is not None:
+            why = f"task {cfg.task!r} collates its own batches"
+        if cfg.loader == "device" and why is not None:
+            raise ConfigError(f"--loader device cannot be used: {why}; use --loader cpu or auto")
+        return cfg.loader == "device" or (
+            cfg.loader == "auto" and why is None and self.device.type == "cuda"
+        )
+
+    def _loader(self, ds: Dataset, batch_size: int, *, train: bool) -> Any:
+        """The training or validation loader: a DataLoader, or the device-resident loader, of
+        this rank's share of each global batch."""
+        from vit import data
+
+        cfg = self.cfg
+        shard = train or self.task.shards_evaluation
+        ranks = {"rank": self.rank, "world_size": self.world_size} if shard else {}
+        if self.device_loader:
+            return data.DeviceLoader(
+                ds,
+                batch_size,
+                device=self.device,
+                seed=cfg.seed,
+                shuffle=train,
+                drop_last=train,
+                policy=data.AugmentPolicy.from_config(cfg) if train else None,
+                **ranks,
+            )
+        return data.make_loader(
+            ds,
+            batch_size,
+            seed=cfg.seed,
+            shuffle=train,
+            drop_last=train,
+            workers=cfg.workers,
+            collate_fn=self.collate,
+            pin_memory=self.device.type == "cuda",
+            **ranks,
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _resume_path(self) -> Path | None:
+        cfg, last = self.cfg, self.out / "last.pt"
+        if cfg.resume == "auto":
+            return last if last.is_file() else None
+        if cfg.resume:
+            if not Path(cfg.resume).is_file():
+                raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file")
+            return Path(cfg.resume)
+        if last.is_file():
+            raise ConfigError(
+                f"{self.out} already holds a run ({last}); continue it with --resume auto or "
+                f"choose another --out-dir"
+            )
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "task": self.cfg.task,
+            "task_state": self.task.state,
+            "model_spec": self.task.model_spec(),
+            "config": dataclasses.asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": dataclasses.asdict(self.progress),
+            "rng": self._rng_states(),
+            "metrics": self.last_metrics,
+        }
+
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        load_weights(self.model, ckpt["model"], path, ckpt["model_spec"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        elif self.ema is not None:  # EMA switched on mid-run: start it from the current weights
+            self.ema.module.load_state_dict(self.model.state_dict())
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:
+            raise CheckpointError(
+                f"{path}: optimizer state does not fit this model ({e})"
+            ) from None
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.progress = _Progress(**ckpt["progress"])
+        self.last_metrics = dict(ckpt.get("metrics") or {})
+        rng = ckpt["rng"]
+        if "ranks" in rng:  # a DDP checkpoint: this rank's state (rank 0's after a world change)
+            ranks = rng["ranks"]
+            rng = ranks[self.rank] if len(ranks) == self.world_size else ranks[0]
+        set_rng_state(rng)
+
+    def _rng_states(self) -> dict[str, Any]:
+        """The RNG state; under DDP every rank's (a collective call), for exact resume."""
+        if self.world_size == 1:
+            return rng_state()
+        states: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(states, rng_state())
+        return {"ranks": states}
+
+    def save(self, name: str = "last.pt") -> Path:
+        self.check_finite()  # never replace a good checkpoint with diverged weights
+        path = self.out / name
+        state = self.state_dict()  # every rank: gathering the RNG states is collective under DDP
+        if self.is_main:
+            save_checkpoint(state, path)
+        return path
+
+    # -- one step -------------------------------------------------------------------------------
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        """One optimiser step on a collated batch; returns loss, lr and gradient norm.
+
+        The loss and gradient norm stay tensors and are checked for NaN/inf later, in
+        :meth:`check_finite` (at log steps, before every checkpoint and every 1000 steps): reading
+        them here would make the host wait for the device at every step."""
+        p = self.progress
+        lr = lr_at(
+            p.step,
+            lr=self.cfg.lr,
+            min_lr=self.cfg.min_lr,
+            warmup_steps=p.warmup_steps,
+            total_steps=p.total_steps,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.task.prepare_batch(batch, self.device)
+        with self.autocast:
+            loss = self.task.loss(self.train_model, batch, p.step)
+        value = self._sync_step(loss)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        skipped = False
+        if self.scaler.is_enabled():  # fp16: the step is skipped when the gradients hold inf/NaN
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+            p.skipped_steps += skipped
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and not skipped:
+            self.ema.update(self.model, step=p.step)
+        value, grad_norm = value.detach(), grad_norm.detach()
+        self._unchecked.append((p.step, value, grad_norm))
+        if len(self._unchecked) >= 1000:  # with a long --log-every, still bounded
+            self.check_finite()
+        p.step += 1
+        return {"loss": value, "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped)}
+
+    def check_finite(self) -> None:
+        """Raise :class:`Diverged` naming the first step since the last check whose loss (or,
+        without fp16's GradScaler, gradient norm) was NaN or inf; one host-device sync."""
+        if not self._unchecked:
+            return
+        steps, losses, norms = zip(*self._unchecked, strict=True)
+        self._unchecked.clear()
+        values = torch.stack([torch.stack(losses).float(), torch.stack(norms).float()]).cpu()
+        for what, row in zip(("loss", "gradient norm"), values, strict=True):
+            if what == "gradient norm" and self.scaler.is_enabled():
+                continue  # fp16: the GradScaler skips those steps
+            bad = (~torch.isfinite(row)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                last = self.out / "last.pt"
+                kept = (
+                    f"the last good checkpoint {last} is kept"
+                    if last.is_file()
+                    else "no checkpoint was written yet"
+                )
+                raise Diverged(
+                    f"the {what} became {row[i].item()} at step {steps[i]}; stopped, {kept} "
+                    f"(try a lower --lr or --grad-clip)"
+                )
+
+    def _sync_step(self, loss: Tensor) -> Tensor:
+        """The loss, averaged over DDP ranks together with a "signalled" flag: every rank then
+        agrees on the step after which to stop (one rank stopping alone would leave the others
+        waiting in the next all-reduce). A single process returns it without waiting for it."""
+        if self.world_size == 1:
+            return loss
+        flag = torch.tensor(float(self._signal is not None), device=loss.device)
+        both = torch.stack([loss.detach().float(), flag])
+        torch.distributed.all_reduce(both)
+        self._stop = both[1].item() > 0
+        return both[0] / self.world_size
+
+    # -- validation -----------------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def validate(self) -> dict[str, Any]:
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        try:
+            with self.autocast:
+                return self.task.evaluate(model, self.val_loader, self.device)
+        finally:
+            model.train(was_training)
+
+    # -- time limit -----------------------------------------------------------------------------
+    def _fit_schedule(self, step_time: float, epoch_end: float | None = None) -> None:
+        """Size the schedule so warmup, cosine, the validations and checkpoints (every
+        ``val_every`` epochs) and the final ones all end within ``--time-limit``, from the
+        measured step time and epoch-end time (before the first validation: validating a sample
+        costs about a third of a training step, checkpoints are written at 200 MB/s)."""
+        cfg, p = self.cfg, self.progress
+        remaining = cfg.time_limit * 60 - (time.monotonic() - self.t_start)
+        if epoch_end is None:
+            per_sample = step_time / cfg.batch_size
+            n_params = sum(t.numel() for t in self.model.parameters())
+            epoch_end = len(self.val_set) * per_sample / 3 + 0.2 + n_params * 16 / 200e6
+        margin = 0.03 * cfg.time_limit * 60 + 2.0
+        budget = remaining - margin - epoch_end
+        per_step = step_time + epoch_end / (self.steps_per_epoch * cfg.val_every)
+        steps = max(p.step + 1, p.step + int(budget / per_step))
+        p.total_steps = min(steps, cfg.epochs * self.steps_per_epoch)
+        p.warmup_steps = min(p.warmup_steps, p.total_steps // 5)
+        if self.world_size > 1:
+            # Each rank timed its own steps; rank 0's schedule is everyone's, or they stop apart.
+            sched = torch.tensor([p.total_steps, p.warmup_steps], device=self.device)
+            torch.distributed.broadcast(sched, 0)
+            p.total_steps, p.warmup_steps = sched.tolist()
+        if not self.is_main:
+            return
+        print(
+            f"time limit {cfg.time_limit:g} min: {step_time * 1e3:.0f} ms/step, "
+            f"{epoch_end:.1f} s per epoch end → "
+            f"{p.total_steps} steps ({p.total_steps / self.steps_per_epoch:.1f} epochs)",
+            file=sys.stderr,
+        )
+
+    # -- logging --------------------------------------------------------------------------------
+    def _open_logs(self) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        metrics = self.out / "metrics.jsonl"
+        if self.resumed_from is not None and metrics.exists():
+            # Drop what the interrupted run logged after its checkpoint: it is about to be redone.
+            keep = [
+                line
+                for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.progress.step
+            ]
+            metrics.write_text("".join(line + "\n" for line in keep))
+        self._metrics_file = metrics.open("a")
+        purge = self.progress.step if self.resumed_from is not None else None
+        return SummaryWriter(str(self.out), purge_step=purge)
+
+    def _log(self, writer: Any, kind: str, values: dict[str, Any]) -> None:
+        if writer is None:  # DDP ranks other than 0
+            return
+        p = self.progress
+        # "seconds": since this process started (the time-to-accuracy curve).
+        seconds = round(time.monotonic() - self.t_start, 2)
+        record = {"kind": kind, "step": p.step, "epoch": p.epoch, "seconds": seconds, **values}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        for k, v in values.items():
+            if k != "n" and isinstance(v, (int, float)):
+                writer.add_scalar(f"{kind}/{k}", v, p.step)
+
+    # -- signals --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _catch_signals(self) -> Iterator[None]:
+        def handler(signum: int, frame: types.FrameType | None) -> None:
+            if self._signal is not None:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._signal = signum
+
+        saved = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in saved.items():
+                signal.signal(s, h)
+
+    def _check_signal(self) -> None:
+        if self._stop if self.world_size > 1 else self._signal is not None:
+            path = self.save()
+            name = signal.Signals(self._signal or signal.SIGTERM).name
+            raise Interrupted(
+                self._signal or signal.SIGTERM,
+                f"{name} at step {self.progress.step}: saved {path}; continue with --resume auto",
+            )
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to the end of the schedule; returns the final validation metrics."""
+        import yaml
+        from tqdm import tqdm
+
+        cfg, p = self.cfg, self.progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            (self.out / "config.yaml").write_text(
+                yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+            )
+        writer = self._open_logs() if self.is_main else None
+        sampler = self.train_loader.batch_sampler
+        # --time-limit: fit the schedule from steps 2-12 (step 0 pays for torch.compile), then
+        # again at each epoch end in the first 90% of it, from the steps since the last fit and
+        # the last measured validation and checkpoint time, so a machine that slows down midway
+        # still ends on time. A resumed run keeps its schedule.
+        timed = cfg.time_limit > 0 and self.resumed_from is None
+        fit_at = p.step + 12 if timed else -1
+        t_fit, step_fit, epoch_end = None, 0, None
+        quiet = not sys.stderr.isatty()
+        bar = None
+        self.model.train()
+        self.t_train = time.monotonic()
+        try:
+            with self._catch_signals():
+                while p.step < p.total_steps:
+                    sampler.set_epoch(p.epoch, p.batch_in_epoch)
+                    bar = tqdm(
+                        total=self.steps_per_epoch,
+                        initial=p.batch_in_epoch,
+                        desc=f"epoch {p.epoch + 1}",
+                        disable=quiet or not self.is_main,
+                        leave=False,
+                    )
+                    t_log, seen = time.monotonic(), 0
+                    self._data_clock.take()
+                    for batch in self._data_clock.iterate(self.train_loader):
+                        stats = self.train_step(batch)
+                        p.batch_in_epoch += 1
+                        seen += cfg.batch_size
+                        bar.update()
+                        if p.step == fit_at - 10:
+                            t_fit, step_fit = time.monotonic(), p.step
+                        elif p.step == fit_at and t_fit is not None:
+                            self._fit_schedule((time.monotonic() - t_fit) / 10)
+                        if p.step % cfg.log_every == 0:
+                            self.check_finite()
+                            stats = {k: float(v) for k, v in stats.items()}
+                            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
+                            now = time.monotonic()
+                            stats["images_per_s"] = seen / (now - t_log)
+                            # Share of the wall time spent waiting for the next batch.
+                            stats["data_wait"] = self._data_clock.take() / (now - t_log)
+                            t_log, seen = now, 0
+                            self._log(writer, "train", stats)
+                        if cfg.save_every and p.step % cfg.save_every == 0:
+                            self.save()
+                        self._check_signal()
+                        if p.step >= p.total_steps:
+                            break
+                    bar.close()
+                    t_end = time.monotonic()
+                    if self._end_epoch(writer):
+                        epoch_end = time.monotonic() - t_end
+                    if timed and p.step < 0.9 * p.total_steps:
+                        if t_fit is None:  # an epoch shorter than the first fit's 12 steps
+                            t_fit, step_fit = self.t_train, 0
+                        self._fit_schedule((t_end - t_fit) / (p.step - step_fit), epoch_end)
+                        t_fit, step_fit, fit_at = time.monotonic(), p.step, -1
+                    self._check_signal()
+            if writer is not None:
+                writer.add_hparams(
+                    _hparams(cfg),
+                    {f"hparam/best_{self.task.primary_metric}": p.best},
+                    run_name=".",
+                    global_step=p.step,
+                )
+        finally:
+            if bar is not None:  # before any message: a Ctrl-C line must not join the bar's
+                bar.close()
+            if writer is not None:
+                writer.close()
+                self._metrics_file.close()
+        return self.last_metrics
+
+    def _end_epoch(self, writer: Any) -> bool:
+        """Count the epoch; every ``val_every`` epochs and at the end, validate, log and save.
+        Returns whether it validated."""
+        p = self.progress
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        if p.epoch % self.cfg.val_every and p.step < p.total_steps:
+            return False
+        metrics = self.validate()
+        self.last_metrics = metrics
+        primary = metrics[self.task.primary_metric]
+        self._log(writer, "val", metrics)
+        self.task.on_epoch_end(writer, self.eval_model(), p.step, p.epoch - 1)
+        if primary > p.best:
+            p.best, p.best_step = primary, p.step
+            self.save("best.pt")
+        self.save()
+        if writer is None:  # DDP ranks other than 0
+            return True
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if _fmt(v) and k != "n")
+        print(
+            f"epoch {p.epoch} step {p.step}/{p.total_steps}: val {shown} "
+            f"(best {self.task.primary_metric} {_fmt(p.best)}) "
+            f"[{time.monotonic() - self.t_start:.0f} s]",
+            file=sys.stderr,
+        )
+        writer.flush()
+        return True
+
+
+def _fmt(value: Any) -> str:
+    """A metric for the progress line: four decimals, so 1.0000 and 0.9660 line up ("" for
+    what is not a number, e.g. a per-class list)."""
+    return f"{value:.4f}" if isinstance(value, float | int) and not isinstance(value, bool) else ""
+
+
+def _hparams(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+        for k, v in dataclasses.asdict(cfg).items()
+    }
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run a training; returns the final validation metrics plus the best primary metric."""
+    trainer = Trainer(cfg)
+    metrics = trainer.fit()
+    p = trainer.progress
+    return {
+        **metrics,
+        f"best_{trainer.task.primary_metric}": p.best,
+        "steps": p.step,
+        "skipped_steps": p.skipped_steps,
+        "seconds": round(time.monotonic() - trainer.t_start, 1),
+        "out_dir": str(trainer.out),
+    }
