@@ -56,7 +56,7 @@ def _reduced(channels: int, reduction: int, module: str) -> int:
 
 
 def _to_tokens(x: Tensor) -> Tensor:
-    return rearrange(x, "b c h w -> b (h w) c")
+    return rearrange(x, "b c h w -> b (h w) c")  # (B, C, H, W) -> (B, H·W, C), row-major positions
 
 
 # ----------------------------------------------------------------------------------------------
