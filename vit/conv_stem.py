@@ -1,0 +1,124 @@
+"""The Compact Convolutional Transformer's tokenizer and sequence pooling.
+
+Hassani et al. 2021, "Escaping the Big Data Paradigm with Compact Transformers", Sec. 3: a few
+convolution → ReLU → max-pool stages replace ViT's patch embedding (Sec. 3.3), and an attention
+pooling over the output tokens replaces the class token (SeqPool, Sec. 3.2). Layer shapes,
+initialisation and parameter names follow the authors' code (SHI-Labs/Compact-Transformers), so
+CCT-7/3x1 has the paper's 3.76M parameters and the checkpoints' keys line up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from itertools import pairwise
+from typing import Any
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from vit.conv_attention import create_conv_attention
+
+__all__ = ["ConvTokenizer", "SequencePool"]
+
+
+def _pooled_length(n: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a convolution or max-pool (dilation 1, floor mode) over ``n`` inputs."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+class ConvTokenizer(nn.Module):
+    """CCT's convolutional tokenizer (Hassani et al. 2021, Sec. 3.3):
+    ``x₀ = MaxPool(ReLU(Conv2d(x)))``, repeated ``num_layers`` times, then flattened to tokens.
+
+    Stage widths are ``in_chans → hidden_channels → … → embed_dim`` (the last stage outputs
+    ``embed_dim``); convolutions have no bias and Kaiming-normal weights, as in CCT. With
+    ``attention`` set (a key of :data:`vit.conv_attention.CONV_ATTENTION`), that module, built with
+    ``attention_kwargs``, follows each stage's max-pool; it is not part of CCT.
+
+    Shapes: (B, in_chans, H, W) -> (B, N, embed_dim), ``N = prod(grid_size((H, W)))``.
+
+    Raises:
+        ValueError: ``num_layers`` < 1, or ``attention`` is not a registered name.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_chans: int = 3,
+        embed_dim: int,
+        num_layers: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        pool_kernel: int = 3,
+        pool_stride: int = 2,
+        pool_padding: int = 1,
+        hidden_channels: int = 64,
+        attention: str | None = None,
+        attention_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"ConvTokenizer needs num_layers >= 1, got {num_layers}")
+        widths = [in_chans] + [hidden_channels] * (num_layers - 1) + [embed_dim]
+        self._conv_spec = (kernel_size, stride, padding)
+        self._pool_spec = (pool_kernel, pool_stride, pool_padding)
+        # `conv_layers.{i}.0.weight` is CCT's own key for stage i's convolution.
+        self.conv_layers = nn.Sequential(
+            *(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False),
+                    nn.ReLU(),
+                    nn.MaxPool2d(pool_kernel, pool_stride, pool_padding),
+                    create_conv_attention(attention, c_out, **(attention_kwargs or {}))
+                    if attention is not None
+                    else nn.Identity(),
+                )
+                for c_in, c_out in pairwise(widths)
+            )
+        )
+        for stage in self.conv_layers:
+            nn.init.kaiming_normal_(stage[0].weight)  # CCT: fan_in, gain sqrt(2)
+
+    def grid_size(self, img_size: int | tuple[int, int]) -> tuple[int, int]:
+        """The (rows, columns) of the token grid for ``img_size`` (int or (H, W)) images."""
+        rows, cols = (img_size, img_size) if isinstance(img_size, int) else img_size
+        for _ in self.conv_layers:
+            rows, cols = (
+                _pooled_length(_pooled_length(n, *self._conv_spec), *self._pool_spec)
+                for n in (rows, cols)
+            )
+        return rows, cols
+
+    def num_tokens(self, img_size: int | tuple[int, int]) -> int:
+        """Sequence length N for ``img_size`` images (sizes the positional embedding)."""
+        rows, cols = self.grid_size(img_size)
+        return rows * cols
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(self.conv_layers(x), "b d h w -> b (h w) d")  # (B, N, D)
+
+
+class SequencePool(nn.Module):
+    """CCT's sequence pooling (Hassani et al. 2021, Sec. 3.2): a linear layer scores
+    each token, a softmax over the N tokens turns the scores into weights, and the output is the
+    weighted sum of the tokens. ``x_L`` (B, N, D) -> (B, D).
+
+    ``forward(x, need_weights=True)`` also returns the (B, N) weights; ``recorder`` (a callable,
+    e.g. ``list.append``) receives them on every forward while set. Initialised as CCT: truncated
+    normal weights (std 0.02), zero bias.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attention_pool = nn.Linear(dim, 1)  # CCT's name for the scoring layer
+        nn.init.trunc_normal_(self.attention_pool.weight, std=0.02)
+        nn.init.zeros_(self.attention_pool.bias)
+        self.recorder: Callable[[Tensor], None] | None = None
+
+    def forward(self, x: Tensor, *, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        weights = rearrange(self.attention_pool(x), "b n 1 -> b n").softmax(dim=-1)
+        pooled = (weights.unsqueeze(1) @ x).squeeze(1)  # (B, 1, N) @ (B, N, D) -> (B, D)
+        if self.recorder is not None:
+            self.recorder(weights)
+        return (pooled, weights) if need_weights else pooled
