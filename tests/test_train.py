@@ -21,8 +21,9 @@ from vit import evaluate
 from vit.checkpoint import CheckpointError, load_checkpoint
 from vit.config import ConfigError, make_config, parse_args, resolve_device
 from vit.optim import Muon
+from vit.schedule import lr_at
 from vit.train import main
-from vit.trainer import Diverged, Trainer, lr_at
+from vit.trainer import Diverged, Trainer
 
 TINY = {
     "data": "synthetic",

@@ -14,6 +14,7 @@ import torch
 from vit.checkpoint import checkpoint_preprocess, load_model
 from vit.config import resolve_device
 from vit.errors import CliParser, ConfigError, DataError, UsageError, run_command
+from vit.preprocess import display_path
 
 __all__ = ["caption_images", "main"]
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
         for path, caption in zip(args.images, captions, strict=True):
-            print(f"{path}: {caption}")
+            print(f"{display_path(path)}: {caption}")
 
     return run_command(run)
 

@@ -86,7 +86,7 @@ def _is_enospc(e: BaseException) -> bool:
 def _torch_load(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with one-line answers for every way a file can be bad."""
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
+        raise CheckpointError(f"no {what} file at {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot read {what} {path}: the file is empty")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
@@ -180,7 +180,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         path = path / "model.safetensors"
     if path.suffix == ".safetensors":
         if not path.is_file():
-            raise CheckpointError(f"weights file {path} does not exist")
+            raise CheckpointError(f"no checkpoint file at {path}")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -190,7 +190,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             raise CheckpointError(
                 f"cannot read weights {path}: not a valid safetensors file ({e})"
             ) from None
-    source = _torch_load(path, "weights file")
+    source = _torch_load(path, "checkpoint")
     if isinstance(source, dict) and source.get("format") == CHECKPOINT_FORMAT:
         source = source.get("ema") or source.get("model")
     # Training scripts wrap the weights: {"model": state_dict, "optimizer": ..., ...}.
@@ -207,28 +207,20 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
 
 def _build_bounded(spec: dict[str, Any], task: str, state: dict[str, Tensor], path: Path) -> Any:
-    """Build ``spec``'s model, refusing specs larger than the weights stored beside them (a
-    crafted ``model_spec`` could otherwise ask for any amount of memory): the model is laid out
-    on the meta device first, which allocates nothing."""
+    """Build ``spec``'s model, refusing one larger than the weights stored beside it (a crafted
+    ``model_spec`` could otherwise ask for any amount of memory; see ``Task.build_checked``)."""
     from vit.tasks import get_task
 
-    task_cls = get_task(task)
     stored = sum(v.numel() for v in state.values())
     try:
-        with torch.device("meta"):
-            needed = sum(p.numel() for p in task_cls.model_from_spec(spec).parameters())
-        if needed > stored:
-            raise CheckpointError(
-                f"checkpoint {path} is malformed: its model_spec asks for {needed:,} parameters "
-                f"but it stores {stored:,} weights"
-            )
-        return task_cls.model_from_spec(spec)
+        return get_task(task).build_checked(spec, max_params=stored)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         if isinstance(e, CheckpointError):
             raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {path} has a model_spec this version cannot build ({spec.get('name')!r}: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            f"checkpoint {path} is malformed: its model_spec cannot be built with its "
+            f"{stored:,} stored weights ({first})"
         ) from None
 
 

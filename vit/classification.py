@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vit.config import RunConfig
 from vit.distributed import world_size
-from vit.errors import ConfigError
+from vit.errors import ConfigError, DataError
 from vit.preprocess import Preprocess
 from vit.tasks import Task
 
@@ -126,6 +126,11 @@ class ClassificationTask(Task):
                 )
             return x, y, classes, None
         x, y, classes = data.image_folder(root / "train", **kw)
+        if len(classes) == 1:
+            raise DataError(
+                f"{root / 'train'} has one class folder ({classes[0]!r}): a classifier of one "
+                f"class cannot be wrong, so it learns nothing; add a folder per class"
+            )
         if held_out is not None:
             return x, y, classes, None
         # No val/ or test/: carve a deterministic stratified validation split out of train.
@@ -187,7 +192,7 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         try:
-            return self.model_from_spec(self.model_spec())
+            return self.build_checked(self.model_spec())
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot build model {self.cfg.model!r}: {e}") from None
 

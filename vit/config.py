@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,9 @@ class RunConfig:
     seed: int = _opt(0, "seed of initialisation, data order, augmentation, dropout")
     out_dir: str = _opt("", "run directory; '' = runs/<task>-<data>")
     resume: str = _opt("", "'auto' (out-dir/last.pt when present) or a checkpoint path")
+    overwrite: bool = _opt(
+        False, "start over: remove the files of a run already in --out-dir (never with --resume)"
+    )
     time_limit: float = _opt(0.0, "minutes: fit warmup+cosine+final eval into this; 0 = off")
     val_every: int = _opt(
         1, "epochs between validations and checkpoints (the last epoch always validates)"
@@ -146,6 +150,17 @@ _NON_NEGATIVE = (
     "synthetic_val",
     "seed",
 )
+# Upper bounds that keep a typo from asking for absurd memory or time before anything is built.
+_AT_MOST = {
+    "img_size": 4096,
+    "seed": 2**32 - 1,  # numpy's legacy seeding takes 32 bits
+    "epochs": 1_000_000,
+    "batch_size": 1 << 20,
+    "synthetic_train": 10_000_000,
+    "synthetic_val": 10_000_000,
+    "workers": 256,
+    "threads": 1024,
+}
 _BELOW_ONE = ("label_smoothing", "drop_path", "rollout_discard_ratio", "ema_decay", "beta2")
 
 
@@ -193,6 +208,9 @@ def make_config(values: dict[str, Any]) -> RunConfig:
             raise _unknown_key(key, list(fields))
         checked[key] = _check_type(key, value, fields[key])
     cfg = RunConfig(**checked)
+    for key, tp in fields.items():  # NaN passes every comparison below, inf most of them
+        if tp is float and not math.isfinite(getattr(cfg, key)):
+            raise ConfigError(f"{key} must be a finite number, got {getattr(cfg, key)!r}")
     for key in _POSITIVE:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)!r}")
@@ -214,6 +232,15 @@ def make_config(values: dict[str, Any]) -> RunConfig:
                 f"randaugment_ops is at most {len(RANDAUGMENT_OPS)} (the policy's operations), "
                 f"got {cfg.randaugment_ops}"
             )
+    for key, bound in _AT_MOST.items():
+        if getattr(cfg, key) > bound:
+            raise ConfigError(f"{key} is at most {bound:,}, got {getattr(cfg, key):,}")
+    for key in ("crop_padding", "cutout"):  # checked before any image is decoded
+        if getattr(cfg, key) > cfg.img_size:
+            raise ConfigError(
+                f"{key} {getattr(cfg, key)} exceeds the image size {cfg.img_size}; use at most "
+                f"{cfg.img_size}"
+            )
     if cfg.randaugment_magnitude > 10:
         raise ConfigError(
             f"randaugment_magnitude is on a 0-10 scale, got {cfg.randaugment_magnitude}"
@@ -234,7 +261,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (the shipped ones are in configs/)")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; pass a YAML file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
     if values is None:

@@ -79,6 +79,8 @@ def decode_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_IMAGE_PI
                 im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb8(im, shown)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"image not found: {shown}") from None
     except Image.DecompressionBombError:

@@ -431,7 +431,7 @@ def _run_cli(args: Any) -> None:
     from vit.checkpoint import checkpoint_preprocess, load_model
     from vit.config import resolve_device
     from vit.errors import ConfigError, UsageError
-    from vit.preprocess import decode_image
+    from vit.preprocess import decode_image, display_path
 
     if not 0.0 <= args.discard_ratio < 1.0:  # also refuses NaN
         raise ConfigError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
@@ -460,8 +460,8 @@ def _run_cli(args: Any) -> None:
         if im.size != (size, size):
             how = "whole image" if preprocess.resize == "squash" else "shorter side, centre crop"
             print(
-                f"note: {path} is {im.width}x{im.height}; resized to {size}x{size} ({how}, as "
-                f"in training)",
+                f"note: {display_path(path)} is {im.width}x{im.height}; resized to "
+                f"{size}x{size} ({how}, as in training)",
                 file=sys.stderr,
             )
         inputs.append(preprocess.resize_image(im))  # uint8 (3, S, S)
@@ -488,7 +488,8 @@ def _run_cli(args: Any) -> None:
         save_image(rollout_grid(display[i : i + 1], maps[i : i + 1]), out)
         conf, cls = probs[i].max(dim=0)
         name = classes[cls.item()] if cls.item() < len(classes) else str(cls.item())
-        print(f"{args.images[i]} -> {out} (predicted {name}, p={conf.item():.2f})")
+        shown = f"{display_path(args.images[i])} -> {display_path(out)}"
+        print(f"{shown} (predicted {name}, p={conf.item():.2f})")
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 

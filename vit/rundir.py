@@ -33,6 +33,7 @@ __all__ = [
     "RESUMABLE_KEYS",
     "RunLock",
     "check_out_dir",
+    "make_out_dir",
     "read_metrics",
     "resume_changes",
     "write_config",
@@ -54,6 +55,8 @@ RESUMABLE_KEYS = {
     "threads": "CPU threads (float reductions may then differ in the last bits)",
     "device": "where the run continues",
     "compile": "torch.compile",
+    "channels_last": "memory format",
+    "tta_hflip": "how validation reads the model",
     "data_dir": "where the same data lives",
     "cache_dir": "decoded-image cache",
 }
@@ -129,14 +132,11 @@ def _run_files(out: Path) -> list[Path]:
     return found + sorted(p for pattern in _RUN_GLOBS for p in out.glob(pattern))
 
 
-def check_out_dir(cfg: RunConfig, overwrite: bool) -> Path | None:
-    """Decide what the run does with ``cfg.out_dir``: returns the checkpoint to resume from (or
-    ``None`` for a fresh run), after refusing anything that would mix two runs.
+def make_out_dir(cfg: RunConfig) -> Path:
+    """``cfg.out_dir``, created if needed.
 
     Raises:
-        ConfigError: the folder is a file or not writable; it holds a run and neither
-            ``--resume`` nor ``--overwrite`` was given; ``--resume PATH`` points elsewhere while the
-            folder holds another run.
+        ConfigError: it is a file, cannot be created, or is not writable.
     """
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
@@ -147,15 +147,31 @@ def check_out_dir(cfg: RunConfig, overwrite: bool) -> Path | None:
         raise ConfigError(f"cannot create --out-dir {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"--out-dir {out} is not writable; choose another --out-dir")
+    return out
+
+
+def check_out_dir(cfg: RunConfig) -> Path | None:
+    """Decide what the run does with ``cfg.out_dir``: returns the checkpoint to resume from (or
+    ``None`` for a fresh run), after refusing anything that would mix two runs.
+
+    Raises:
+        ConfigError: the folder is a file or not writable; it holds a run and neither
+            ``--resume`` nor ``--overwrite`` was given; ``--resume PATH`` points elsewhere while the
+            folder holds another run.
+    """
+    out = make_out_dir(cfg)
     last = out / "last.pt"
     existing = _run_files(out)
-    if overwrite and cfg.resume:
+    if cfg.overwrite and cfg.resume:
         raise ConfigError("--overwrite starts over and --resume continues: pass one of them")
-    if overwrite:
+    if cfg.overwrite:
         for path in existing:
             path.unlink()
         if existing:
-            print(f"note: --overwrite removed {len(existing)} files of the run in {out}")
+            print(
+                f"note: --overwrite removed {len(existing)} files of the run in {out}",
+                file=sys.stderr,
+            )
         return None
     if cfg.resume == "auto":
         if last.is_file():
@@ -194,10 +210,9 @@ def _leftovers(out: Path, existing: list[Path]) -> str:
     )
 
 
-def resume_changes(saved: dict[str, Any], cfg: RunConfig, *, augmented: bool) -> list[str]:
+def resume_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The resumable differences between a checkpoint's config and the requested one, one
-    line each; ``augmented``: whether the run draws random augmentation (then the process count
-    must not change).
+    line each.
 
     Raises:
         ConfigError: listing every difference that would break exact resume.
@@ -211,10 +226,14 @@ def resume_changes(saved: dict[str, Any], cfg: RunConfig, *, augmented: bool) ->
     refused = [k for k in changed if k not in RESUMABLE_KEYS]
     if refused:
         diffs = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        what = (
+            "the checkpoint holds another architecture"
+            if {"model", "model_args"} & set(refused)
+            else "the checkpoint's state only continues under its own values"
+        )
         raise ConfigError(
-            f"cannot resume with a changed {', '.join(refused)} ({diffs}): the checkpoint's "
-            f"state only continues under its own values; drop those options (config.yaml holds "
-            f"the run's) or start another --out-dir"
+            f"cannot resume with a changed {', '.join(refused)} ({diffs}): {what}; drop those "
+            f"options (config.yaml holds the run's) or start another --out-dir"
         )
     return [f"{k}: {old!r} -> {new!r} ({RESUMABLE_KEYS[k]})" for k, (old, new) in changed.items()]
 

@@ -14,7 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 from vit.config import RunConfig
 from vit.errors import ConfigError, did_you_mean
 
-__all__ = ["TASKS", "Task", "get_task", "model_from_spec"]
+__all__ = ["MAX_PARAMS", "TASKS", "Task", "get_task", "model_from_spec"]
+
+# The largest model built from a config or a checkpoint (ViT-g has ~1B parameters).
+MAX_PARAMS = 2_000_000_000
 
 
 class Task(abc.ABC):
@@ -66,6 +69,24 @@ class Task(abc.ABC):
     def model_from_spec(spec: dict[str, Any]) -> nn.Module:
         """The model a :meth:`model_spec` describes (untrained)."""
         return model_from_spec(spec)
+
+    @classmethod
+    def build_checked(cls, spec: dict[str, Any], *, max_params: int = MAX_PARAMS) -> nn.Module:
+        """:meth:`model_from_spec`, after laying the model out on the meta device (which
+        allocates nothing) to refuse one of more than ``max_params`` parameters: a typo in
+        ``model_args`` or a crafted checkpoint never asks for absurd memory.
+
+        Raises:
+            ValueError: too many parameters, an unknown name; TypeError: an unknown keyword.
+        """
+        with torch.device("meta"):
+            needed = sum(p.numel() for p in cls.model_from_spec(spec).parameters())
+        if needed > max_params:
+            raise ValueError(
+                f"{spec['name']!r} with {spec['kwargs']} has {needed:,} parameters, more than "
+                f"{max_params:,}"
+            )
+        return cls.model_from_spec(spec)
 
     def collate_fn(self) -> Callable[[list[Any]], Any] | None:
         """The DataLoader's collate function (``None``: PyTorch's default)."""

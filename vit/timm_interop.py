@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import timm
-import torch
 from timm.layers import DropPath as TimmDropPath
 from timm.layers import LayerScale as TimmLayerScale
 from timm.layers import Mlp as TimmMlp
@@ -29,6 +28,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import vision_transformer as timm_vit
 from torch import Tensor, nn
 
+from vit.checkpoint import read_state_dict, strip_wrapper_prefixes
 from vit.models import VARIANTS, VisionTransformer, ViTConfig, create_model
 
 __all__ = [
@@ -47,8 +47,6 @@ TIMM_PREFIX = "vitpkg_"  # timm already owns vit_tiny_patch16_224 and friends
 
 # timm module names → ours; everything else in a ViT state dict is named alike.
 _TIMM_TO_OURS = ((".attn.qkv.", ".attn.to_qkv."), (".attn.proj.", ".attn.to_out."))
-# Wrappers added by DDP (`module.`) and torch.compile (`_orig_mod.`).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,10 +188,7 @@ def convert_timm_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
     """Rename timm ViT keys to ours (``attn.qkv`` → ``attn.to_qkv``, ``attn.proj`` →
     ``attn.to_out``) and strip DDP / ``torch.compile`` prefixes. Our own keys pass unchanged."""
     out = {}
-    for key, value in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+    for key, value in strip_wrapper_prefixes(state_dict).items():
         for theirs, ours in _TIMM_TO_OURS:
             key = key.replace(theirs, ours)
         out[key] = value
@@ -277,15 +272,9 @@ def load_pretrained(
 
 def _read_state_dict(source: Mapping[str, Tensor] | str | os.PathLike[str]) -> dict[str, Tensor]:
     if isinstance(source, str | os.PathLike):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ValueError(f"no checkpoint file at {path!r}")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            source = load_file(path, device="cpu")
-        else:
-            source = torch.load(path, map_location="cpu", weights_only=True)
+        # The one reader of weight files: safetensors, vit checkpoints and exports, torch.save-d
+        # state dicts; a bad file is a CheckpointError (a ValueError) in one line.
+        return read_state_dict(source)
     if not isinstance(source, Mapping):
         raise TypeError(
             f"expected a state dict (a mapping of names to tensors) or a path to one, got "
@@ -322,8 +311,8 @@ def _adapt_position_embedding(
     pos = state["pos_embed"]  # (1, prefix + gh·gw, D)
     src_prefix = 1 if "cls_token" in state else 0
     dst_prefix = model.num_prefix_tokens
-    side = _square_side(pos.shape[1] - src_prefix)
-    if pos.ndim != 3 or side is None:
+    side = _square_side(pos.shape[1] - src_prefix) if pos.ndim == 3 else None
+    if not side:  # not (1, L, D), or no patch slots at all (only the class token's)
         raise ValueError(
             f"cannot read a square patch grid from the checkpoint's pos_embed of shape "
             f"{tuple(pos.shape)} with {src_prefix} class token(s) (no_embed_class checkpoints "

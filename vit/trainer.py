@@ -17,13 +17,13 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
 import time
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,22 @@ from vit.checkpoint import (
     set_rng_state,
 )
 from vit.config import RunConfig
+from vit.data.transforms import AugmentPolicy
 from vit.distributed import init_distributed
 from vit.errors import CheckpointError, ConfigError
 from vit.optim import build_optimizer
+from vit.rundir import (
+    RunLock,
+    check_out_dir,
+    make_out_dir,
+    read_metrics,
+    resume_changes,
+    write_config,
+)
+from vit.schedule import Progress, extend, scheduled_lr
 from vit.tasks import get_task
 
-__all__ = ["Diverged", "Interrupted", "Trainer", "lr_at", "train"]
+__all__ = ["Diverged", "Interrupted", "Trainer", "train"]
 
 
 class Diverged(RuntimeError):
@@ -59,15 +69,6 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = signum
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
-    ``total_steps`` (Loshchilov & Hutter 2017, without restarts). A pure function of the step."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 class _WaitClock:
@@ -93,18 +94,6 @@ class _WaitClock:
         return seconds
 
 
-@dataclass
-class _Progress:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    total_steps: int = 0
-    warmup_steps: int = 0
-    best: float = -math.inf
-    best_step: int = -1
-    skipped_steps: int = 0  # fp16: steps the GradScaler skipped (inf/NaN gradients)
-
-
 class Trainer:
     """One training run: ``Trainer(cfg).fit()`` returns the final validation metrics."""
 
@@ -122,6 +111,8 @@ class Trainer:
         task_cls = get_task(cfg.task)
         if ckpt is not None and ckpt["task"] != cfg.task:
             raise CheckpointError(f"{resume} is a {ckpt['task']!r} checkpoint, not {cfg.task!r}")
+        self.resumed_from = resume
+        self.resume_notes = self._check_resume(ckpt) if ckpt is not None else []
         self.task = task_cls(cfg, ckpt["task_state"] if ckpt else None)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -171,11 +162,11 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         total = cfg.epochs * self.steps_per_epoch
         warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), total)
-        self.progress = _Progress(total_steps=total, warmup_steps=warmup)
-        self.resumed_from = resume
+        self.progress = Progress(total_steps=total, warmup_steps=warmup)
         self.last_metrics: dict[str, Any] = {}  # a checkpoint restores them
         if ckpt is not None:
             self._restore(ckpt, resume)
+            self._extend(ckpt)
         self.collate = self.task.collate_fn()
         self.device_loader = self._use_device_loader()
         self.train_loader = self._loader(self.train_set, cfg.batch_size, train=True)
@@ -235,19 +226,38 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
+        """The checkpoint to continue from; rank 0 also checks the run directory
+        (:func:`vit.rundir.check_out_dir`), the other ranks follow its decision."""
         cfg, last = self.cfg, self.out / "last.pt"
+        if self.is_main:
+            return check_out_dir(cfg)
         if cfg.resume == "auto":
-            return last if last.is_file() else None
-        if cfg.resume:
-            if not Path(cfg.resume).is_file():
-                raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file")
-            return Path(cfg.resume)
-        if last.is_file():
-            raise ConfigError(
-                f"{self.out} already holds a run ({last}); continue it with --resume auto or "
-                f"choose another --out-dir"
+            return last if last.is_file() and not cfg.overwrite else None
+        return Path(cfg.resume) if cfg.resume else None
+
+    def _check_resume(self, ckpt: dict[str, Any]) -> list[str]:
+        """Refuse a resume whose config changes what the checkpoint's state means; the changes
+        that may be applied, one line each."""
+        cfg = self.cfg
+        missing = [k for k in ("optimizer", "scaler", "progress", "rng") if k not in ckpt]
+        if missing or not isinstance(ckpt.get("progress"), dict):
+            raise CheckpointError(
+                f"{self.resumed_from} holds no training state ({', '.join(missing) or 'progress'} "
+                f"missing or malformed): it cannot be resumed; start a new run from its weights "
+                f"with --init-from"
             )
-        return None
+        notes = resume_changes(ckpt["config"], cfg)
+        saved_world = ckpt.get("world_size", len(ckpt["rng"].get("ranks", [None])))
+        augmented = AugmentPolicy.from_config(cfg).enabled or cfg.mixup > 0 or cfg.cutmix > 0
+        if saved_world != self.world_size:
+            if augmented or cfg.drop_path > 0:
+                raise ConfigError(
+                    f"the run was trained by {saved_world} process(es), this is {self.world_size}: "
+                    f"with random augmentation or drop path that changes the random draws; "
+                    f"resume with {saved_world} process(es)"
+                )
+            notes.append(f"processes: {saved_world} -> {self.world_size}")
+        return notes
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -262,6 +272,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "progress": dataclasses.asdict(self.progress),
             "rng": self._rng_states(),
+            "world_size": self.world_size,
             "metrics": self.last_metrics,
         }
 
@@ -279,7 +290,10 @@ class Trainer:
             ) from None
         if ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.progress = _Progress(**ckpt["progress"])
+        try:
+            self.progress = Progress(**ckpt["progress"])
+        except TypeError as e:
+            raise CheckpointError(f"{path}: its progress record is malformed ({e})") from None
         self.last_metrics = dict(ckpt.get("metrics") or {})
         rng = ckpt["rng"]
         if "ranks" in rng:  # a DDP checkpoint: this rank's state (rank 0's after a world change)
@@ -311,13 +325,7 @@ class Trainer:
         :meth:`check_finite` (at log steps, before every checkpoint and every 1000 steps): reading
         them here would make the host wait for the device at every step."""
         p = self.progress
-        lr = lr_at(
-            p.step,
-            lr=self.cfg.lr,
-            min_lr=self.cfg.min_lr,
-            warmup_steps=p.warmup_steps,
-            total_steps=p.total_steps,
-        )
+        lr = scheduled_lr(p, p.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.task.prepare_batch(batch, self.device)
@@ -346,6 +354,18 @@ class Trainer:
             self.check_finite()
         p.step += 1
         return {"loss": value, "lr": lr, "grad_norm": grad_norm, "skipped": float(skipped)}
+
+    def _extend(self, ckpt: dict[str, Any]) -> None:
+        """``--epochs`` changed on resume: the schedule ends at the new epoch count
+        (:func:`vit.schedule.extend`)."""
+        p, cfg = self.progress, self.cfg
+        if ckpt["config"].get("epochs") == cfg.epochs:
+            return
+        note = extend(
+            p, total_steps=cfg.epochs * self.steps_per_epoch, lr=cfg.lr, min_lr=cfg.min_lr
+        )
+        if note:
+            self.resume_notes.append(note)
 
     def check_finite(self) -> None:
         """Raise :class:`Diverged` naming the first step since the last check whose loss (or,
@@ -437,11 +457,7 @@ class Trainer:
         metrics = self.out / "metrics.jsonl"
         if self.resumed_from is not None and metrics.exists():
             # Drop what the interrupted run logged after its checkpoint: it is about to be redone.
-            keep = [
-                line
-                for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.progress.step
-            ]
+            keep = read_metrics(metrics, self.progress.step)
             metrics.write_text("".join(line + "\n" for line in keep))
         self._metrics_file = metrics.open("a")
         purge = self.progress.step if self.resumed_from is not None else None
@@ -487,15 +503,21 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to the end of the schedule; returns the final validation metrics."""
-        import yaml
         from tqdm import tqdm
 
         cfg, p = self.cfg, self.progress
         self.out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            (self.out / "config.yaml").write_text(
-                yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
-            )
+            for note in self.resume_notes:
+                print(f"resume: {note}", file=sys.stderr)
+            write_config(self.out, cfg)
+            if self.resumed_from is not None and p.step >= p.total_steps:
+                print(
+                    f"the run in {self.out} is complete ({p.step} steps, {cfg.epochs} epochs); "
+                    f"to train longer pass --epochs N (more than {cfg.epochs}) with --resume auto",
+                    file=sys.stderr,
+                )
+                return self.last_metrics
         writer = self._open_logs() if self.is_main else None
         sampler = self.train_loader.batch_sampler
         # --time-limit: fit the schedule from steps 2-12 (step 0 pays for torch.compile), then
@@ -551,7 +573,7 @@ class Trainer:
                     if self._end_epoch(writer):
                         epoch_end = time.monotonic() - t_end
                     if timed and p.step < 0.9 * p.total_steps:
-                        if t_fit is None:  # an epoch shorter than the first fit's 12 steps
+                        if t_fit is None or p.step <= step_fit:  # epochs shorter than 12 steps
                             t_fit, step_fit = self.t_train, 0
                         self._fit_schedule((t_end - t_fit) / (p.step - step_fit), epoch_end)
                         t_fit, step_fit, fit_at = time.monotonic(), p.step, -1
@@ -615,9 +637,17 @@ def _hparams(cfg: RunConfig) -> dict[str, Any]:
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run a training; returns the final validation metrics plus the best primary metric."""
-    trainer = Trainer(cfg)
-    metrics = trainer.fit()
+    """Run a training; returns the final validation metrics plus the best primary metric. The
+    run directory is locked for the run's life (by rank 0 under DDP).
+
+    Raises:
+        UsageError: bad input (config, data, checkpoint, a run directory in use).
+        Diverged, Interrupted, CheckpointSaveError: see :func:`vit.train.main`.
+    """
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(make_out_dir(cfg)) if main_process else contextlib.nullcontext():
+        trainer = Trainer(cfg)
+        metrics = trainer.fit()
     p = trainer.progress
     return {
         **metrics,

@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vit.captions.tokenizer import Tokenizer
-from vit.preprocess import Preprocess
+from vit.errors import DataError
+from vit.preprocess import Preprocess, display_path
 
 __all__ = [
     "CAPTION_DATASETS",
@@ -99,13 +100,15 @@ class CaptionDataset(Dataset):
     ) -> None:
         if max_len < 3:
             raise ValueError(f"max_len must be at least 3 (<bos>, a word, <eos>), got {max_len}")
-        self.data = data
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.img_size = img_size
         self.crop_padding, self.hflip, self.seed = crop_padding, hflip, seed
-        self._decoded: dict[int, Tensor] = {}
         self.preprocess = caption_preprocess(img_size)
+        self._decoded: dict[int, Tensor] = {}
+        if not isinstance(data.images, Tensor):
+            data = self._decode_files(data, name)
+        self.data = data
         self._mirror = {
             tokenizer.stoi[a]: tokenizer.stoi[b]
             for a, b in (("left", "right"), ("right", "left"))
@@ -148,6 +151,37 @@ class CaptionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def _decode_files(self, data: CaptionData, name: str) -> CaptionData:
+        """Decode every image file up front, as classification does: an unreadable one (corrupt,
+        truncated, too large) is counted, reported and skipped with its captions, like a missing
+        one, instead of stopping training mid-epoch."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load(path: Path) -> Tensor | DataError:
+            try:
+                return self.preprocess.load(path)
+            except DataError as e:
+                return e
+
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+            decoded = list(pool.map(load, data.images))
+        bad = [
+            (p, r) for p, r in zip(data.images, decoded, strict=True) if isinstance(r, DataError)
+        ]
+        if bad:
+            log.warning(
+                "%s: %d of %d images cannot be read and are skipped with their captions (e.g. %s)",
+                name,
+                len(bad),
+                len(decoded),
+                bad[0][1],
+            )
+        keep = [i for i, r in enumerate(decoded) if not _failed(r)]
+        if not keep:
+            raise DataError(f"{name}: none of the {len(decoded)} images can be read ({bad[0][1]})")
+        self._decoded = {n: decoded[i] for n, i in enumerate(keep)}
+        return CaptionData([data.images[i] for i in keep], [data.captions[i] for i in keep])
 
     def image(self, i: int) -> Tensor:
         """Image ``i`` (of the underlying data) as uint8 (3, S, S)."""
@@ -292,7 +326,13 @@ def read_flickr8k_captions(path: str | os.PathLike) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"captions file {path} not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is fine
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"captions file {display_path(path)} is not UTF-8 text (byte {e.start}); re-save it as "
+            f"UTF-8"
+        ) from None
     if not text.strip():
         raise ValueError(f"captions file {path} is empty: it needs one 'image,caption' per line")
     out: dict[str, list[str]] = {}
@@ -365,6 +405,7 @@ def load_flickr8k(root: str | os.PathLike, split: str, *, val_fraction: float = 
     else:
         held = {n for n in names if _stable_fraction(n) < val_fraction}
         names = [n for n in names if (n in held) == (split != "train")]
+    names = _inside(image_dir, names, f"flickr8k {split}")
     present = [n for n in names if (image_dir / n).is_file()]
     missing = len(names) - len(present)
     if missing:
@@ -381,6 +422,27 @@ def load_flickr8k(root: str | os.PathLike, split: str, *, val_fraction: float = 
     if not present:
         raise ValueError(f"flickr8k {split}: none of the captioned images are in {image_dir}")
     return CaptionData([image_dir / n for n in present], [captions[n] for n in present])
+
+
+def _failed(result: object) -> bool:
+    return isinstance(result, DataError)
+
+
+def _inside(folder: Path, names: list[str], what: str) -> list[str]:
+    """``names`` that stay inside ``folder``. An annotation file is data, not a list of paths on
+    the disk: names that leave the folder (absolute, or through "..") are refused, counted and
+    reported."""
+    root = folder.resolve()
+    escaping = {n for n in names if not (folder / n).resolve().is_relative_to(root)}
+    if escaping:
+        log.warning(
+            "%s: refused %d image names that point outside %s (e.g. %r)",
+            what,
+            len(escaping),
+            folder,
+            sorted(escaping)[0],
+        )
+    return [n for n in names if n not in escaping]
 
 
 def _stable_fraction(name: str) -> float:
@@ -411,8 +473,12 @@ def load_coco(root: str | os.PathLike, split: str) -> CaptionData:
             f"--data coco needs pycocotools: pip install pycocotools ({e})"
         ) from None
     paths, captions, missing = [], [], 0
+    names = {i: coco.coco.loadImgs(i)[0]["file_name"] for i in coco.ids}
+    allowed = set(_inside(root / year_split, list(names.values()), f"coco {split}"))
     for image_id in coco.ids:
-        path = root / year_split / coco.coco.loadImgs(image_id)[0]["file_name"]
+        if names[image_id] not in allowed:
+            continue
+        path = root / year_split / names[image_id]
         if not path.is_file():
             missing += 1
             continue

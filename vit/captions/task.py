@@ -187,7 +187,7 @@ class CaptionTask(Task):
 
     def build_model(self) -> nn.Module:
         try:
-            model = self.model_from_spec(self.model_spec())
+            model = self.build_checked(self.model_spec())
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot build captioning model {self.cfg.model!r}: {e}") from None
         if self.args["encoder_checkpoint"]:
