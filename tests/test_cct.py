@@ -297,3 +297,44 @@ def test_short_training_run_and_rollout_cli(tmp_path) -> None:
     argv = ["--checkpoint", str(out / "last.pt"), "--images", str(image)]
     assert rollout_main([*argv, "--out-dir", str(maps), "--device", "cpu"]) == 0
     assert (maps / "a_rollout.png").is_file() and (maps / "a_tokenizer.png").is_file()
+
+
+def test_hybrid_cpu_recipe_is_the_plain_one_with_a_cct() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from vit.config import load_config, make_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    plain = yaml.safe_load((configs / "cifar10_cpu_30min.yaml").read_text())
+    hybrid = yaml.safe_load((configs / "cifar10_cpu_30min_hybrid.yaml").read_text())
+    assert "data_dir" not in hybrid
+    model_keys = {"model", "model_args", "drop_path", "out_dir", "data_dir"}
+    assert {k: v for k, v in plain.items() if k not in model_keys} == {
+        k: v for k, v in hybrid.items() if k not in model_keys
+    }
+    cfg = make_config(load_config(str(configs / "cifar10_cpu_30min_hybrid.yaml")))
+    model = create_model(cfg.model, num_classes=10, img_size=32, **cfg.model_args)
+    assert num_params(model) == 283_723 and model.config.pool == "seq"
+
+
+def test_benchmark_smoke_run_prints_the_table(capsys, monkeypatch) -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipe's path is relative to the checkout
+    monkeypatch.syspath_prepend(str(root))
+    from benchmarks.conv_attention import main as bench
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--quick", "--threads", "1", "--models", "cct_2_3x2_32", "--attention", "none"]
+        assert bench([*argv, "cbam"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 + 2  # header, the recipe's ViT and timm's, two CCT rows
+    assert rows[1].startswith("| vit_tiny_patch4_32 | (recipe's ViT) | 0.811M |")
+    assert rows[-1].startswith("| cct_2_3x2_32 | cbam |")
+    assert bench(["--models", "vit_tiny_patch4_32"]) == 2
