@@ -18,12 +18,39 @@ from torch import Tensor, nn
 
 from vit.conv_attention import create_conv_attention
 
-__all__ = ["ConvTokenizer", "SequencePool"]
+__all__ = ["ConvTokenizer", "SequencePool", "conv_grid_size"]
 
 
 def _pooled_length(n: int, kernel: int, stride: int, padding: int) -> int:
     """Output length of a convolution or max-pool (dilation 1, floor mode) over ``n`` inputs."""
     return (n + 2 * padding - kernel) // stride + 1
+
+
+def conv_grid_size(
+    img_size: int | tuple[int, int],
+    *,
+    num_layers: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    padding: int = 1,
+    pool_kernel: int = 3,
+    pool_stride: int = 2,
+    pool_padding: int = 1,
+) -> tuple[int, int]:
+    """The (rows, columns) token grid of a :class:`ConvTokenizer` with these settings for
+    ``img_size`` (int or (H, W)) images, without building one."""
+    rows, cols = (img_size, img_size) if isinstance(img_size, int) else img_size
+    for _ in range(num_layers):
+        rows, cols = (
+            _pooled_length(
+                _pooled_length(n, kernel_size, stride, padding),
+                pool_kernel,
+                pool_stride,
+                pool_padding,
+            )
+            for n in (rows, cols)
+        )
+    return rows, cols
 
 
 class ConvTokenizer(nn.Module):
@@ -82,13 +109,18 @@ class ConvTokenizer(nn.Module):
 
     def grid_size(self, img_size: int | tuple[int, int]) -> tuple[int, int]:
         """The (rows, columns) of the token grid for ``img_size`` (int or (H, W)) images."""
-        rows, cols = (img_size, img_size) if isinstance(img_size, int) else img_size
-        for _ in self.conv_layers:
-            rows, cols = (
-                _pooled_length(_pooled_length(n, *self._conv_spec), *self._pool_spec)
-                for n in (rows, cols)
-            )
-        return rows, cols
+        kernel, stride, padding = self._conv_spec
+        pool_kernel, pool_stride, pool_padding = self._pool_spec
+        return conv_grid_size(
+            img_size,
+            num_layers=len(self.conv_layers),
+            kernel_size=kernel,
+            stride=stride,
+            padding=padding,
+            pool_kernel=pool_kernel,
+            pool_stride=pool_stride,
+            pool_padding=pool_padding,
+        )
 
     def num_tokens(self, img_size: int | tuple[int, int]) -> int:
         """Sequence length N for ``img_size`` images (sizes the positional embedding)."""

@@ -25,6 +25,7 @@ __all__ = [
     "PatchDropout",
     "PatchEmbedding",
     "causal_mask",
+    "check_images",
     "merge_masks",
     "scaled_dot_product_attention",
     "sincos_2d_position_encoding",
@@ -246,6 +247,41 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------
+def check_images(x: Tensor, *, in_chans: int, img_size: int) -> None:
+    """Refuse a batch a model built for ``in_chans``-channel ``img_size`` square images cannot
+    embed, naming the problem and the fix (shared by every tokenizer).
+
+    Raises:
+        TypeError: not a floating-point tensor. ValueError: wrong rank, channels or size.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+    if x.ndim != 4:
+        hint = " (add a batch dimension: x.unsqueeze(0))" if x.ndim == 3 else ""
+        raise ValueError(
+            f"expected images of shape (B, C, H, W), got a {x.ndim}-D tensor of shape "
+            f"{tuple(x.shape)}{hint}"
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected {in_chans} input channels, got {x.shape[1]} (shape "
+            f"{tuple(x.shape)}); convert the images or create the model with "
+            f"in_chans={x.shape[1]}"
+        )
+    if tuple(x.shape[2:]) != (img_size, img_size):
+        raise ValueError(
+            f"expected {img_size}x{img_size} images, got "
+            f"{x.shape[2]}x{x.shape[3]}; resize the input or create the model with "
+            f"img_size={x.shape[2]} (position embeddings of a trained model are resampled by "
+            f"from_timm / load_pretrained)"
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"expected floating-point images, got {x.dtype}; convert with x.float() / 255 and "
+            f"normalise"
+        )
+
+
 class PatchEmbedding(nn.Module):
     """Split an image into non-overlapping ``patch_size`` patches and project each to ``dim``.
 
@@ -271,32 +307,7 @@ class PatchEmbedding(nn.Module):
 
     def check_input(self, x: Tensor) -> None:
         """Refuse inputs the model cannot embed, naming the problem and the fix."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-        if x.ndim != 4:
-            hint = " (add a batch dimension: x.unsqueeze(0))" if x.ndim == 3 else ""
-            raise ValueError(
-                f"expected images of shape (B, C, H, W), got a {x.ndim}-D tensor of shape "
-                f"{tuple(x.shape)}{hint}"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected {self.in_chans} input channels, got {x.shape[1]} (shape "
-                f"{tuple(x.shape)}); convert the images or create the model with "
-                f"in_chans={x.shape[1]}"
-            )
-        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise ValueError(
-                f"expected {self.img_size}x{self.img_size} images, got "
-                f"{x.shape[2]}x{x.shape[3]}; resize the input or create the model with "
-                f"img_size={x.shape[2]} (position embeddings of a trained model are resampled by "
-                f"from_timm / load_pretrained)"
-            )
-        if not x.is_floating_point():
-            raise TypeError(
-                f"expected floating-point images, got {x.dtype}; convert with x.float() / 255 and "
-                f"normalise"
-            )
+        check_images(x, in_chans=self.in_chans, img_size=self.img_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return rearrange(self.proj(x), "b d gh gw -> b (gh gw) d")  # (B, N, D)

@@ -2,13 +2,17 @@
 
 Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers": fuse each block's heads, add
 the identity for the residual connection, renormalise the rows and multiply the blocks' matrices
-from the first to the last; the class token's row over the patch columns is the map. Chefer et al.
+from the first to the last; the class token's row over the patch columns is the map (for models
+without a class token: the mean of the patch rows, or, with CCT's sequence pooling, the rows
+weighted by the pooling's softmax weights, the last mixing step). Chefer et al.
 2021, "Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder
 Transformers", weight the attention by its gradient for a class-specific map
 (:func:`gradient_rollout`).
 
 The weights come from :func:`capture_attention`, which switches the encoder's attention modules to
-their explicit path only while it is active, so training never pays for visualisation.
+their explicit path only while it is active, so training never pays for visualisation. A
+convolutional tokenizer with CBAM (``tokenizer="conv", conv_attention="cbam"``) has its own
+spatial attention, shown beside the rollout by :func:`tokenizer_attention_maps`.
 
 Command line::
 
@@ -29,9 +33,11 @@ from einops import rearrange
 from timm.utils import unwrap_model
 from torch import Tensor, nn
 
+from vit.conv_stem import SequencePool
 from vit.layers import Attention, EncoderBlock
 
 __all__ = [
+    "AttentionRecord",
     "attention_rollout",
     "capture_attention",
     "colorize",
@@ -42,9 +48,11 @@ __all__ = [
     "rollout_grid",
     "rollout_maps",
     "rollout_to_maps",
+    "tokenizer_attention_maps",
 ]
 
 HeadFusion = Literal["mean", "max", "min"]
+Pool = Literal["cls", "mean", "seq"]
 _FUSIONS = ("mean", "max", "min")
 
 
@@ -62,27 +70,64 @@ def _encoder_attentions(model: nn.Module) -> list[Attention]:
     return found
 
 
+class AttentionRecord(list[Tensor]):
+    """What :func:`capture_attention` yields: a list of the blocks' (B, heads, L, L) attention
+    weights in execution order, and in :attr:`pool_weights` the (B, N) softmax weights of the
+    model's sequence pooling, one tensor per forward pass (empty without sequence pooling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool_weights: list[Tensor] = []
+
+
 @contextlib.contextmanager
-def capture_attention(model: nn.Module) -> Iterator[list[Tensor]]:
+def capture_attention(model: nn.Module) -> Iterator[AttentionRecord]:
     """Record every encoder block's softmax attention weights while the context is active.
 
-    Yields a list that receives one (B, heads, L, L) tensor per block per forward pass, in
-    execution order (L = prefix tokens + patches). The weights keep their autograd graph when
-    the forward runs with gradients (see :func:`gradient_rollout`). Outside the context, and after
-    an exception inside it, the attention modules are back on their fused path and record nothing.
-    Works through ``torch.compile``, DDP and EMA wrappers (the underlying modules are switched) and
-    on models from :func:`vit.models.from_timm`.
+    Yields a list (an :class:`AttentionRecord`) that receives one (B, heads, L, L) tensor per block
+    per forward pass, in execution order (L = prefix tokens + patches); a model with sequence
+    pooling (``pool="seq"``, CCT) also records that pooling's (B, N) weights in
+    ``.pool_weights``. The weights keep their autograd graph when the forward runs with gradients
+    (see :func:`gradient_rollout`). Outside the context, and after an exception inside it, the
+    attention modules are back on their fused path and record nothing. Works through
+    ``torch.compile``, DDP and EMA wrappers (the underlying modules are switched) and on models
+    from :func:`vit.models.from_timm`.
     """
     modules = _encoder_attentions(model)
-    if any(m.recorder is not None for m in modules):
+    pools = [m for m in unwrap_model(model).modules() if isinstance(m, SequencePool)]
+    if any(m.recorder is not None for m in [*modules, *pools]):
         raise RuntimeError(
             "capture_attention is already active on this model; nesting is not supported"
         )
-    attentions: list[Tensor] = []
+    attentions = AttentionRecord()
     try:
         for m in modules:
             m.recorder = attentions.append
+        for p in pools:
+            p.recorder = attentions.pool_weights.append
         yield attentions
+    finally:
+        for m in [*modules, *pools]:
+            m.recorder = None
+
+
+def _tokenizer_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The tokenizer's modules that expose a spatial attention map (CBAM), stage by stage."""
+    tokenizer = getattr(unwrap_model(model), "patch_embed", None)
+    if tokenizer is None:
+        return []
+    return [m for m in tokenizer.modules() if callable(getattr(m, "spatial_attention", None))]
+
+
+@contextlib.contextmanager
+def _capture_tokenizer_attention(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Record the tokenizer's spatial maps, (B, 1, h, w) per stage per forward, while active."""
+    modules = _tokenizer_attention_modules(model)
+    maps: list[Tensor] = []
+    try:
+        for m in modules:
+            m.recorder = maps.append
+        yield maps
     finally:
         for m in modules:
             m.recorder = None
@@ -248,19 +293,27 @@ def rollout_to_maps(
     image_size: tuple[int, int] | int | None = None,
     *,
     class_token: bool = True,
-    pool: Literal["cls", "mean"] | None = None,
+    pool: Pool | None = None,
+    pool_weights: Tensor | None = None,
 ) -> Tensor:
     """Joint attention (B, L, L) → per-image maps normalised to [0, 1].
 
     ``pool`` is how the model reads its output (default: ``"cls"`` with a class token, else
-    ``"mean"``). Class-token pooling: the map is the class token's row over the patch columns.
-    Mean pooling: the mean of the patch rows, since every patch output contributes equally to the
-    pooled vector. Returned on the patch grid (B, gh, gw), or bilinearly upsampled to
+    ``"mean"``), and so which rows of ``joint`` the map reads, over the patch columns:
+
+    - ``"cls"``: the class token's row.
+    - ``"mean"``: the mean of the patch rows, since every patch output contributes equally to the
+      pooled vector.
+    - ``"seq"`` (CCT's sequence pooling): the patch rows weighted by ``pool_weights`` (B, N), the
+      pooling's softmax weights over the patch outputs (``capture_attention``'s
+      ``.pool_weights``), i.e. ``pool_weights @ joint``: the pooling is the last mixing step.
+
+    Returned on the token grid ``grid_size`` (B, gh, gw), or bilinearly upsampled to
     ``image_size`` (B, H, W).
     """
     pool = pool or ("cls" if class_token else "mean")
-    if pool not in ("cls", "mean") or (pool == "cls" and not class_token):
-        raise ValueError(f"pool must be 'mean', or 'cls' with a class token; got {pool!r}")
+    if pool not in ("cls", "mean", "seq") or (pool == "cls" and not class_token):
+        raise ValueError(f"pool must be 'mean', 'seq', or 'cls' with a class token; got {pool!r}")
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     prefix = 1 if class_token else 0
     if joint.ndim != 3 or joint.shape[1] != joint.shape[2] or joint.shape[2] != prefix + gh * gw:
@@ -269,23 +322,44 @@ def rollout_to_maps(
             f"{'with' if class_token else 'without'} a class token (expected (B, {prefix + gh * gw}"
             f", {prefix + gh * gw})); pass the model's grid_size and class_token"
         )
-    weights = joint[:, 0, prefix:] if pool == "cls" else joint[:, prefix:, prefix:].mean(dim=1)
+    if pool == "seq":
+        if pool_weights is None or tuple(pool_weights.shape) != (joint.shape[0], gh * gw):
+            got = None if pool_weights is None else tuple(pool_weights.shape)
+            raise ValueError(
+                f"pool='seq' needs the sequence pooling's weights of shape "
+                f"({joint.shape[0]}, {gh * gw}) (capture_attention's .pool_weights), got {got}"
+            )
+        w = pool_weights.detach().to(joint)[:, None]  # (B, 1, N)
+        weights = torch.bmm(w, joint[:, prefix:, prefix:])[:, 0]  # (B, N)
+    elif pool == "cls":
+        weights = joint[:, 0, prefix:]
+    else:
+        weights = joint[:, prefix:, prefix:].mean(dim=1)
     maps = rearrange(weights, "b (gh gw) -> b gh gw", gh=gh, gw=gw)
     if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        maps = _upsample(maps, image_size)
     return normalize_maps(maps)
 
 
+def _upsample(maps: Tensor, image_size: tuple[int, int] | int) -> Tensor:
+    """Maps (B, h, w) → (B, H, W), bilinear."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
 def _model_geometry(model: nn.Module) -> tuple[tuple[int, int], dict[str, Any]]:
-    """The patch grid, and the keywords telling :func:`rollout_to_maps` how the model pools."""
+    """The token grid, and the keywords telling :func:`rollout_to_maps` how the model pools."""
     inner = unwrap_model(model)
-    patch_embed = getattr(inner, "patch_embed", None)
-    if patch_embed is None:
-        raise ValueError(f"{type(inner).__name__} has no patch_embed; pass a VisionTransformer")
+    grid = getattr(inner, "grid_size", None)
+    if grid is None:
+        raise ValueError(f"{type(inner).__name__} has no grid_size; pass a VisionTransformer")
     class_token = getattr(inner, "num_prefix_tokens", 1) > 0
     pool = getattr(getattr(inner, "config", None), "pool", None)
-    return tuple(patch_embed.grid_size), {"class_token": class_token, "pool": pool}
+    return tuple(grid), {"class_token": class_token, "pool": pool}
+
+
+def _last(weights: list[Tensor]) -> Tensor | None:
+    return weights[-1] if weights else None
 
 
 def rollout_maps(
@@ -300,7 +374,8 @@ def rollout_maps(
     """One call: the rollout maps (B, H, W) in [0, 1] of ``model`` for normalised ``images``.
 
     Runs one forward pass without gradients (in the model's current mode) and upsamples the maps
-    to ``image_size`` (default: the input's size).
+    to ``image_size`` (default: the input's size). The rows read follow the model's pooling (see
+    :func:`rollout_to_maps`; sequence pooling folds in its weights).
     """
     grid, layout = _model_geometry(model)
     with torch.no_grad(), capture_attention(model) as attentions:
@@ -308,7 +383,33 @@ def rollout_maps(
     joint = attention_rollout(
         attentions, head_fusion, discard_ratio, start_layer, class_token=layout["class_token"]
     )
-    return rollout_to_maps(joint, grid, image_size or tuple(images.shape[-2:]), **layout)
+    size = image_size or tuple(images.shape[-2:])
+    return rollout_to_maps(joint, grid, size, pool_weights=_last(attentions.pool_weights), **layout)
+
+
+def tokenizer_attention_maps(model: nn.Module, images: Tensor, *, stage: int = -1) -> Tensor:
+    """The convolutional tokenizer's own spatial attention for normalised ``images``: CBAM's map
+    ``M_s`` (Woo et al. 2018, eq. 3) of tokenizer stage ``stage`` (default: the last, whose map
+    lies on the token grid, ``model.grid_size``), as (B, h, w) sigmoid values in [0, 1].
+
+    Shown beside the rollout map: where the convolutions gate features before any token mixing.
+    Runs one forward pass without gradients, in the model's current mode.
+
+    Raises:
+        ValueError: the model's tokenizer has no module with a spatial map (build it with
+            ``tokenizer="conv", conv_attention="cbam"``), or ``stage`` is out of range.
+    """
+    modules = _tokenizer_attention_modules(model)
+    if not modules:
+        raise ValueError(
+            f"{type(unwrap_model(model)).__name__}'s tokenizer has no spatial attention to show; "
+            f"build the model with tokenizer='conv', conv_attention='cbam'"
+        )
+    if not -len(modules) <= stage < len(modules):
+        raise ValueError(f"stage must be in [-{len(modules)}, {len(modules)}), got {stage!r}")
+    with torch.no_grad(), _capture_tokenizer_attention(model) as maps:
+        unwrap_model(model)(images)
+    return maps[stage][:, 0]  # (B, 1, h, w) -> (B, h, w)
 
 
 def colorize(maps: Tensor) -> Tensor:
@@ -354,8 +455,11 @@ def log_rollout(
     ``images``: the normalised batch on the model's device; ``display``: the same images as float
     RGB in [0, 1], (B, 3, H, W) on the CPU. Writes ``rollout/maps`` (a row per image: image |
     heatmap | overlay) at ``step``, and with ``per_layer`` ``rollout/per_layer`` (a row per image,
-    a column per block: that block's head-mean attention, read as the rollout maps are). Runs
-    one forward pass in eval mode without gradients, then restores the model's mode.
+    a column per block: that block's head-mean attention, read as the rollout maps are). A model
+    whose tokenizer has a spatial attention (CBAM) also gets ``rollout/tokenizer``, laid out as
+    ``rollout/maps``: the last stage's map (:func:`tokenizer_attention_maps`), min-max
+    normalised like the rollout. Runs one forward pass in eval mode without gradients, then
+    restores the model's mode.
     """
     inner = unwrap_model(model)
     grid, layout = _model_geometry(inner)
@@ -363,22 +467,34 @@ def log_rollout(
     was_training = inner.training
     inner.eval()
     try:
-        with torch.no_grad(), capture_attention(inner) as attentions:
+        with (
+            torch.no_grad(),
+            capture_attention(inner) as attentions,
+            _capture_tokenizer_attention(inner) as tokenizer_maps,
+        ):
             inner(images)
     finally:
         inner.train(was_training)
+    pool_weights = _last([w.float().cpu() for w in attentions.pool_weights])
     attentions = [a.float().cpu() for a in attentions]
     joint = attention_rollout(
         attentions, head_fusion, discard_ratio, class_token=layout["class_token"]
     )
-    maps = rollout_to_maps(joint, grid, size, **layout)
+    maps = rollout_to_maps(joint, grid, size, pool_weights=pool_weights, **layout)
     display = display.float().cpu()
     writer.add_image("rollout/maps", rollout_grid(display, maps), step)
+    if tokenizer_maps:
+        gated = _upsample(tokenizer_maps[-1].float().cpu()[:, 0], size)
+        writer.add_image("rollout/tokenizer", rollout_grid(display, normalize_maps(gated)), step)
     if per_layer:
         from torchvision.utils import make_grid
 
-        # Raw per-block attention (no rollout): a block's own head-mean weights as the "joint".
-        layers = [rollout_to_maps(a.mean(dim=1), grid, size, **layout) for a in attentions]
+        # Raw per-block attention (no rollout): a block's own head-mean weights as the "joint",
+        # read with the last forward's pooling weights where the model pools by sequence.
+        layers = [
+            rollout_to_maps(a.mean(dim=1), grid, size, pool_weights=pool_weights, **layout)
+            for a in attentions
+        ]
         heat = colorize(rearrange(torch.stack(layers, dim=1), "b l h w -> (b l) h w"))
         writer.add_image(
             "rollout/per_layer", make_grid(heat, nrow=len(layers), padding=2, pad_value=1.0), step
@@ -470,7 +586,11 @@ def _run_cli(args: Any) -> None:
     inputs, display = torch.stack(inputs), torch.stack(display)
 
     grid, layout = _model_geometry(model)
-    with torch.no_grad(), capture_attention(model) as attentions:
+    with (
+        torch.no_grad(),
+        capture_attention(model) as attentions,
+        _capture_tokenizer_attention(model) as tokenizer_maps,
+    ):
         probs = model(preprocess.normalize(inputs).to(device)).float().softmax(dim=-1).cpu()
     joint = attention_rollout(
         [a.float().cpu() for a in attentions],
@@ -479,13 +599,20 @@ def _run_cli(args: Any) -> None:
         args.start_layer,
         class_token=layout["class_token"],
     )
-    maps = rollout_to_maps(joint, grid, shown, **layout)  # (B, shown, shown)
+    pool_weights = _last([w.float().cpu() for w in attentions.pool_weights])
+    maps = rollout_to_maps(joint, grid, shown, pool_weights=pool_weights, **layout)  # (B, S, S)
+    gated = None
+    if tokenizer_maps:  # CBAM in the tokenizer: its last stage's spatial map beside the rollout
+        gated = normalize_maps(_upsample(tokenizer_maps[-1].float().cpu()[:, 0], shown))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create --out-dir {out_dir}: {e.strerror}") from None
     for i, out in enumerate(_output_paths(args.images, out_dir)):
         save_image(rollout_grid(display[i : i + 1], maps[i : i + 1]), out)
+        if gated is not None:
+            tokenizer_out = out.with_name(out.name.replace("_rollout.png", "_tokenizer.png"))
+            save_image(rollout_grid(display[i : i + 1], gated[i : i + 1]), tokenizer_out)
         conf, cls = probs[i].max(dim=0)
         name = classes[cls.item()] if cls.item() < len(classes) else str(cls.item())
         shown = f"{display_path(args.images[i])} -> {display_path(out)}"

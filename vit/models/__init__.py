@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vit.models import cct as _cct  # noqa: F401  (registers the cct_* variants)
 from vit.models._registry import VARIANTS, create_model, list_models, num_params, register_variant
 from vit.models.captioning import CaptionConfig, CaptioningTransformer
 from vit.models.vision_transformer import VisionTransformer, ViTConfig

@@ -1,7 +1,8 @@
 """The Vision Transformer classifier and its named variants.
 
 ViT: Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words: Transformers for Image Recognition at
-Scale".
+Scale". The convolutional tokenizer and sequence pooling options are those of the Compact
+Convolutional Transformer (Hassani et al. 2021; variants in :mod:`vit.models.cct`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vit.layers import EncoderBlock, PatchDropout, PatchEmbedding, sincos_2d_position_encoding
+from vit.conv_attention import CONV_ATTENTION
+from vit.conv_stem import ConvTokenizer, SequencePool, conv_grid_size
+from vit.errors import did_you_mean
+from vit.layers import (
+    EncoderBlock,
+    PatchDropout,
+    PatchEmbedding,
+    check_images,
+    sincos_2d_position_encoding,
+)
 from vit.layers import sinusoidal_position_encoding as sinusoidal_1d
 from vit.models._registry import check_options, register_config_variant
 
@@ -25,8 +35,21 @@ class ViTConfig:
     """Everything that defines a :class:`VisionTransformer`'s architecture."""
 
     img_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 4  # the "patch" tokenizer's; unused by "conv"
     in_chans: int = 3
+    # How images become tokens. "patch": ViT's linear projection of non-overlapping patches.
+    # "conv": CCT's convolutional tokenizer (Hassani et al. 2021, Sec. 3.3), `conv_layers` stages
+    # of conv (`conv_kernel`, no bias) → ReLU → 3x3 max-pool of stride 2: overlapping receptive
+    # fields and a locality bias that small datasets reward. Its stride and padding follow CCT's
+    # rule, max(1, k // 2 - 1) and max(1, k // 2): 3x3 convolutions keep the resolution, so a
+    # 32-px image gives 16x16 tokens after one stage, 8x8 after two.
+    tokenizer: Literal["patch", "conv"] = "patch"
+    conv_layers: int = 1
+    conv_kernel: int = 3
+    conv_channels: int = 64  # width of the inner stages (the last outputs embed_dim); CCT's
+    # A module of vit.conv_attention.CONV_ATTENTION ("cbam", "se", ...) after each stage's
+    # max-pool: a hybrid beyond CCT, which has none. None: no module.
+    conv_attention: str | None = None
     num_classes: int = 10  # 0: no head, forward() returns the pooled features
     embed_dim: int = 192
     depth: int = 12
@@ -34,12 +57,16 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     # "cls": classify from a learned [class] token (ViT). "mean": average the patch tokens, which
-    # works as well on small images and needs no extra token (Beyer et al. 2022).
-    pool: Literal["cls", "mean"] = "cls"
+    # works as well on small images and needs no extra token (Beyer et al. 2022). "seq": CCT's
+    # sequence pooling (Hassani et al. 2021, Sec. 3.2), a learned softmax-weighted average of the
+    # tokens: one linear layer instead of a class token attended to in every block.
+    pool: Literal["cls", "mean", "seq"] = "cls"
     # "learned" (ViT), "sincos2d" (fixed 2-D, Beyer et al. 2022) or "sinusoidal" (fixed 1-D of
     # Vaswani et al. 2017 over the flattened patch order). Fixed encodings give the class token 0.
     pos_embed: Literal["learned", "sincos2d", "sinusoidal"] = "learned"
     class_token: bool | None = None  # None: a class token exactly when pool == "cls"
+    # Initial std of a learned position embedding: 0.02 as in ViT/timm; CCT's code uses 0.2.
+    pos_embed_std: float = 0.02
     # timm's layout for average pooling: LayerNorm after pooling instead of before it. With it,
     # forward_features returns tokens before that norm (as timm's does).
     fc_norm: bool = False
@@ -57,13 +84,25 @@ class ViTConfig:
         if self.class_token is None:
             self.class_token = self.pool == "cls"
         problems = []
-        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        positive = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
+        positive += ("conv_layers", "conv_kernel", "conv_channels")
+        for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             problems.append(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
-        if self.pool not in ("cls", "mean"):
-            problems.append(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.tokenizer not in ("patch", "conv"):
+            problems.append(f"tokenizer must be 'patch' or 'conv', got {self.tokenizer!r}")
+        if self.conv_attention is not None and self.conv_attention not in CONV_ATTENTION:
+            hint = did_you_mean(str(self.conv_attention), CONV_ATTENTION)
+            problems.append(
+                f"conv_attention {self.conv_attention!r} is not a module of "
+                f"vit.conv_attention{hint} (known: {', '.join(sorted(CONV_ATTENTION))})"
+            )
+        if self.conv_attention is not None and self.tokenizer != "conv":
+            problems.append("conv_attention needs tokenizer='conv'")
+        if self.pool not in ("cls", "mean", "seq"):
+            problems.append(f"pool must be 'cls', 'mean' or 'seq', got {self.pool!r}")
         if self.pool == "cls" and not self.class_token:
             problems.append("pool='cls' needs class_token=True")
         if self.pos_embed not in ("learned", "sincos2d", "sinusoidal"):
@@ -81,9 +120,11 @@ class ViTConfig:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.mlp_ratio <= 0:
             problems.append(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        if not self.pos_embed_std >= 0.0:
+            problems.append(f"pos_embed_std must be >= 0, got {self.pos_embed_std!r}")
         if problems:
             raise ValueError("invalid ViTConfig: " + "; ".join(problems))
-        if self.img_size % self.patch_size != 0:
+        if self.tokenizer == "patch" and self.img_size % self.patch_size != 0:
             divisors = [d for d in range(1, 33) if self.img_size % d == 0]
             raise ValueError(
                 f"image size {self.img_size} is not divisible by patch size {self.patch_size}; "
@@ -97,15 +138,35 @@ class ViTConfig:
             )
 
     @property
+    def conv_stride_padding(self) -> tuple[int, int]:
+        """The convolutions' stride and padding, by CCT's rule from the kernel size."""
+        return max(1, self.conv_kernel // 2 - 1), max(1, self.conv_kernel // 2)
+
+    @property
     def grid_size(self) -> int:
-        return self.img_size // self.patch_size
+        """Tokens per side of the (square) token grid, for either tokenizer."""
+        if self.tokenizer == "patch":
+            return self.img_size // self.patch_size
+        stride, padding = self.conv_stride_padding
+        rows, _ = conv_grid_size(
+            self.img_size,
+            num_layers=self.conv_layers,
+            kernel_size=self.conv_kernel,
+            stride=stride,
+            padding=padding,
+        )
+        return rows
 
 
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2021): patches as words, a pre-norm Transformer encoder, a head.
 
+    With ``tokenizer="conv"`` and ``pool="seq"`` it is the Compact Convolutional Transformer
+    (Hassani et al. 2021): convolutional tokens, no class token, sequence pooling.
+
     Stage API as in timm: :meth:`forward_features` (B, prefix+N, D) after the final norm,
-    :meth:`forward_head` (pooling + classifier), :meth:`no_weight_decay`.
+    :meth:`forward_head` (pooling + classifier), :meth:`no_weight_decay`. :attr:`grid_size` is
+    the token grid of either tokenizer.
     """
 
     def __init__(self, config: ViTConfig | None = None, **overrides: Any) -> None:
@@ -116,19 +177,37 @@ class VisionTransformer(nn.Module):
         d = cfg.embed_dim
         self.num_classes = cfg.num_classes
         self.num_features = d
-        self.patch_embed = PatchEmbedding(
-            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, dim=d
-        )
+        # `patch_embed` holds either tokenizer (timm's name for the image → tokens stage, its
+        # hybrid models included), so optimiser rules for the input layer apply to both.
+        self.patch_embed: nn.Module
+        if cfg.tokenizer == "patch":
+            self.patch_embed = PatchEmbedding(
+                img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, dim=d
+            )
+        else:
+            stride, padding = cfg.conv_stride_padding
+            self.patch_embed = ConvTokenizer(
+                in_chans=cfg.in_chans,
+                embed_dim=d,
+                num_layers=cfg.conv_layers,
+                kernel_size=cfg.conv_kernel,
+                stride=stride,
+                padding=padding,
+                hidden_channels=cfg.conv_channels,
+                attention=cfg.conv_attention,
+            )
+        self._grid_size = (cfg.grid_size, cfg.grid_size)
+        num_patches = cfg.grid_size**2
         self.num_prefix_tokens = 1 if cfg.class_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
-        num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
+        num_tokens = self.num_prefix_tokens + num_patches
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d))
         else:
             fixed = (
                 sincos_2d_position_encoding(cfg.grid_size, cfg.grid_size, d)
                 if cfg.pos_embed == "sincos2d"
-                else sinusoidal_1d(self.patch_embed.num_patches, d)
+                else sinusoidal_1d(num_patches, d)
             )
             prefix = torch.zeros(self.num_prefix_tokens, d)
             self.register_buffer("pos_embed", torch.cat([prefix, fixed])[None], persistent=False)
@@ -154,19 +233,23 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(d, eps=cfg.norm_eps)
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
+        # timm keeps an attention-pooling head as None when off; so does this one.
+        self.seq_pool = SequencePool(d) if cfg.pool == "seq" else None
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
     def init_weights(self) -> None:
         """timm's ViT initialisation: truncated normal (std 0.02) for linear layers and the learned
-        position embedding, a near-zero class token, zero biases, a zero-initialised head."""
+        position embedding (std ``pos_embed_std``), a near-zero class token, zero biases, a
+        zero-initialised head. A convolutional tokenizer keeps its own initialisation (CCT's
+        Kaiming-normal convolutions, its attention modules' papers')."""
         if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.trunc_normal_(self.pos_embed, std=self.config.pos_embed_std)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.startswith("patch_embed."):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -179,11 +262,12 @@ class VisionTransformer(nn.Module):
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return self.patch_embed.grid_size
+        """(rows, columns) of the token grid: the patch grid, or the conv tokenizer's output."""
+        return self._grid_size
 
     def _embed(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) → tokens (B, prefix+N, D) with positions, before the blocks."""
-        self.patch_embed.check_input(x)
+        check_images(x, in_chans=self.config.in_chans, img_size=self.config.img_size)
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
@@ -193,10 +277,16 @@ class VisionTransformer(nn.Module):
         """Images (B, C, H, W) → tokens (B, prefix+N, D), after the final norm."""
         return self.norm(self.blocks(self._embed(x)))
 
+    def _pool(self, x: Tensor) -> Tensor:
+        """Tokens (B, prefix+N, D) → (B, D): the class token, or the mean or sequence pooling of
+        the patch tokens (a class token kept beside mean/seq pooling is not pooled)."""
+        if self.seq_pool is not None:
+            return self.seq_pool(x[:, self.num_prefix_tokens :])
+        return x[:, 0] if self.config.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, prefix+N, D) → logits (B, num_classes) (or pooled features (B, D))."""
-        x = x[:, 0] if self.config.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
-        x = self.head_drop(self.fc_norm(x))
+        x = self.head_drop(self.fc_norm(self._pool(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
