@@ -29,23 +29,16 @@ __all__ = ["CAPTION_TASK_ARGS", "CaptionTask", "attention_strip", "cross_attenti
 
 
 @torch.no_grad()
-def cross_attention_maps(model, images: Tensor, tokens: Tensor, layer: int = -1) -> Tensor:
-    """Word → patch attention: the ``layer``-th decoder block's cross-attention weights (head
-    mean) when the captioner reads ``tokens`` (B, T) (``<bos>`` first) for ``images``, over the
-    patch grid: (B, T, gh, gw). Row t is where the model looks to predict token t+1. Prefix
-    tokens (the class token) are dropped from the columns, so rows need not sum to one."""
-    model = unwrap_model(model)
-    attn = model.blocks[layer].cross_attn
-    captured: list[Tensor] = []
-    attn.recorder = captured.append
-    try:
-        model(images, tokens)
-    finally:
-        attn.recorder = None
-    weights = captured[-1].mean(dim=1)  # (B, T, prefix+N)
-    gh, gw = model.encoder.grid_size
-    weights = weights[:, :, model.encoder.num_prefix_tokens :]  # (B, T, N)
-    return weights.reshape(weights.shape[0], weights.shape[1], gh, gw)
+def cross_attention_maps(
+    model: nn.Module, images: Tensor, tokens: Tensor, **options: Any
+) -> Tensor:
+    """Word → patch attention of a captioner reading ``tokens`` (B, T) (``<bos>`` first) for
+    ``images``, on the patch grid: (B, T, gh, gw); row t is where the model looks to predict token
+    t+1. Each captioner says what that is through its ``word_attention(images, tokens)``: the last
+    decoder block's cross-attention (head mean; ``layer=i`` picks another block) for
+    :class:`~vit.models.CaptioningTransformer`, the soft attention α for
+    :class:`~vit.models.CaptioningLSTM`."""
+    return unwrap_model(model).word_attention(images, tokens, **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +53,12 @@ CAPTION_TASK_ARGS: dict[str, tuple[Any, str]] = {
     "val_scenes": (1_000, "shapes: generated validation (and test) scenes"),
     "sample_images": (6, "validation images shown with captions and attention maps"),
     "encoder_checkpoint": ("", "initialise the encoder from this classification checkpoint"),
+    "attention_penalty": (
+        1.0,
+        "λ of the doubly stochastic attention penalty λ·Σ_i(1 − Σ_t α_ti)² of LSTM decoders "
+        "(Xu et al. 2015, Eq. 14; 1 as the authors' code, 0 = off); a Transformer decoder has "
+        "no α, so a nonzero value set for one is refused",
+    ),
 }
 
 
@@ -67,9 +66,11 @@ class CaptionTask(Task):
     """Image captioning: teacher-forced cross-entropy on the next word; validation generates
     captions and scores corpus BLEU-1..4 and CIDEr-D (BLEU-4 selects ``best.pt``).
 
-    ``--model`` is a caption variant (``caption_*``) or any ViT variant, used as the encoder of a
-    default decoder. The vocabulary is built from the training captions and kept in the
-    checkpoint's task state and as ``vocab.json`` in the run directory.
+    ``--model`` is a caption variant (``caption_*``: Transformer decoder; ``caption_lstm_*``:
+    Show, Attend and Tell, whose loss adds the doubly stochastic attention penalty) or any ViT
+    variant, used as the encoder of a default Transformer decoder. The vocabulary is built from
+    the training captions and kept in the checkpoint's task state and as ``vocab.json`` in the run
+    directory.
     """
 
     datasets = CAPTION_DATASETS
@@ -95,12 +96,16 @@ class CaptionTask(Task):
                     f"{', '.join(CAPTION_TASK_ARGS)})"
                 )
             default = CAPTION_TASK_ARGS[key][0]
-            if type(value) is not type(default):
+            # An integer is a float too (`attention_penalty: 1` in YAML); a bool is no number.
+            number = isinstance(default, float) and type(value) is int
+            if type(value) is not type(default) and not number:
                 raise ConfigError(
                     f"task_args.{key} must be {type(default).__name__}, got {value!r}"
                 )
-            if isinstance(value, int) and value < 1 and key != "min_count":
+            if isinstance(default, int) and value < 1 and key != "min_count":
                 raise ConfigError(f"task_args.{key} must be positive, got {value}")
+            if isinstance(default, float) and not 0.0 <= value < float("inf"):
+                raise ConfigError(f"task_args.{key} must be finite and >= 0, got {value}")
         if cfg.task_args.get("max_len", 32) < 3:
             raise ConfigError("task_args.max_len must be at least 3 (<bos>, a word, <eos>)")
         unused = {
@@ -178,11 +183,13 @@ class CaptionTask(Task):
 
     @staticmethod
     def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+        """A caption variant by name: ``caption_*`` (Transformer decoder) or ``caption_lstm_*``
+        (Show, Attend and Tell); any other name is a ViT variant, the encoder of a default
+        Transformer decoder."""
         from vit.models import CaptionConfig, CaptioningTransformer, create_model
 
         if spec["name"].startswith("caption_"):
             return create_model(spec["name"], **spec["kwargs"])
-        # A ViT variant: it becomes the encoder of the default decoder.
         return CaptioningTransformer(CaptionConfig(encoder=spec["name"]), **spec["kwargs"])
 
     def build_model(self) -> nn.Module:
@@ -190,6 +197,14 @@ class CaptionTask(Task):
             model = self.build_checked(self.model_spec())
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot build captioning model {self.cfg.model!r}: {e}") from None
+        # The default λ serves LSTM decoders; one set by hand for a model without α would be a
+        # setting silently ignored.
+        if self.cfg.task_args.get("attention_penalty", 0.0) and not _has_alphas(model):
+            raise ConfigError(
+                f"task_args.attention_penalty is the doubly stochastic penalty on the soft "
+                f"attention α of an LSTM decoder (caption_lstm_*); {self.cfg.model!r} "
+                f"({type(model).__name__}) has none: drop it or set it to 0"
+            )
         if self.args["encoder_checkpoint"]:
             path = Path(self.args["encoder_checkpoint"])
             if not path.is_file():
@@ -210,18 +225,40 @@ class CaptionTask(Task):
         length = int((tokens != self.tokenizer.pad_id).sum(1).max())
         return x, tokens[:, :length].to(device, non_blocking=True), index
 
-    def _loss(self, model: nn.Module, x: Tensor, tokens: Tensor, smoothing: float) -> Tensor:
-        logits = model(x, tokens[:, :-1])  # (B, T-1, V): predict token t+1 from tokens <= t
-        return F.cross_entropy(
+    def _loss(
+        self, model: nn.Module, x: Tensor, tokens: Tensor, smoothing: float, penalty: float = 0.0
+    ) -> Tensor:
+        """Cross-entropy per predicted token; with ``penalty`` λ > 0 (LSTM decoders) plus the
+        doubly stochastic penalty, both per token (see :meth:`loss`)."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # predict token t+1 from tokens <= t
+        if penalty:
+            logits, alphas = model(x, inputs, return_attention=True)  # α: (B, T-1, N)
+        else:
+            logits = model(x, inputs)  # (B, T-1, V)
+        pad = targets == self.tokenizer.pad_id
+        loss = F.cross_entropy(
             logits.float().flatten(0, 1),
-            tokens[:, 1:].flatten(),
+            targets.flatten(),
             ignore_index=self.tokenizer.pad_id,
             label_smoothing=smoothing,
         )
+        if penalty:
+            from vit.models.show_attend_tell import doubly_stochastic_penalty
+
+            # Eq. 14 sums the NLL over a caption and adds λ·penalty per caption; the NLL here is a
+            # mean over the batch's tokens, so the penalty is too (per-caption mean × B / tokens):
+            # the loss is Eq. 14 per token and λ keeps the paper's weight against the NLL.
+            per_caption = doubly_stochastic_penalty(alphas.float(), pad, penalty)
+            loss = loss + per_caption * len(tokens) / (~pad).sum().clamp(min=1)
+        return loss
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor], step: int) -> Tensor:
+        """Teacher-forced cross-entropy; for LSTM decoders plus λ·Σ_i(1 − Σ_t α_ti)² (Xu et al.
+        2015, Eq. 14) with λ = ``task_args.attention_penalty``, the steps predicting padding left
+        out of Σ_t. Validation's ``loss`` is the cross-entropy alone."""
         x, tokens, _ = batch
-        return self._loss(model, x, tokens, self.cfg.label_smoothing)
+        penalty = self.args["attention_penalty"] if _has_alphas(model) else 0.0
+        return self._loss(model, x, tokens, self.cfg.label_smoothing, float(penalty))
 
     def caption(self, model: nn.Module, x: Tensor) -> list[str]:
         """Captions of normalised images ``x`` (B, 3, H, W) with the task's beam size."""
@@ -256,6 +293,16 @@ class CaptionTask(Task):
     def on_epoch_end(self, writer: Any, model: nn.Module, step: int, epoch: int) -> None:
         if writer is None or self._val is None:
             return
+        inner = unwrap_model(model)
+        was_training = inner.training
+        inner.eval()  # the engine hands over the weights it validated, in training mode
+        try:
+            self._log_samples(writer, inner, step)
+        finally:
+            inner.train(was_training)
+
+    def _log_samples(self, writer: Any, model: nn.Module, step: int) -> None:
+        """Captions of the first validation images, and their word → patch attention strips."""
         ds = self._val
         k = min(self.args["sample_images"], len(ds))
         device = next(model.parameters()).device
@@ -277,8 +324,9 @@ class CaptionTask(Task):
 def attention_strip(
     model: nn.Module, x: Tensor, display: Tensor, caption: str, task: CaptionTask | Tokenizer
 ) -> Tensor:
-    """One (3, H', W') picture: the image, then for each word of ``caption`` the last decoder
-    block's cross-attention (word → patches) over the image, labelled with the word."""
+    """One (3, H', W') picture: the image, then for each word of ``caption`` where the captioner
+    looked to write it (:func:`cross_attention_maps`: a Transformer's last cross-attention, an
+    LSTM's α) over the image, labelled with the word."""
     from PIL import Image, ImageDraw
 
     from vit.rollout import normalize_maps, overlay
@@ -306,3 +354,11 @@ def attention_strip(
         canvas.paste(Image.fromarray(arr), (j * (w + 2), 0))
         draw.text((j * (w + 2) + 1, h), word, fill=(0, 0, 0))
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)  # uint8 (3, H', W')
+
+
+def _has_alphas(model: nn.Module) -> bool:
+    """Whether ``model`` (possibly wrapped) is a Show, Attend and Tell captioner, whose forward
+    returns its soft attention α with ``return_attention=True``."""
+    from vit.models import CaptioningLSTM
+
+    return isinstance(unwrap_model(model), CaptioningLSTM)

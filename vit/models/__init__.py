@@ -1,4 +1,5 @@
-"""Models: the Vision Transformer classifier, the image captioner, named variants, the factory.
+"""Models: the Vision Transformer classifier, the image captioners (Transformer and Show, Attend and
+Tell LSTM decoders), named variants, the factory.
 
 ``import vit.models`` stays light: no tensorboard, albumentations or training engine.
 """
@@ -10,12 +11,15 @@ from torch import nn
 from vit.models import cct as _cct  # noqa: F401  (registers the cct_* variants)
 from vit.models._registry import VARIANTS, create_model, list_models, num_params, register_variant
 from vit.models.captioning import CaptionConfig, CaptioningTransformer
+from vit.models.show_attend_tell import CaptioningLSTM, LSTMCaptionConfig
 from vit.models.vision_transformer import VisionTransformer, ViTConfig
 
 __all__ = [
     "VARIANTS",
     "CaptionConfig",
+    "CaptioningLSTM",
     "CaptioningTransformer",
+    "LSTMCaptionConfig",
     "ViTConfig",
     "VisionTransformer",
     "create_model",

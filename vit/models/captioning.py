@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from vit.layers import DecoderBlock
 from vit.layers import sinusoidal_position_encoding as sinusoidal_1d
 from vit.models._registry import check_options, create_model, register_config_variant
+from vit.models.decoding import beam_search, check_generation_args, greedy_search
 from vit.models.vision_transformer import VisionTransformer, ViTConfig
 
 __all__ = ["CaptionConfig", "CaptioningTransformer"]
@@ -81,18 +82,9 @@ class CaptioningTransformer(nn.Module):
 
     def __init__(self, config: CaptionConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        base = config or CaptionConfig()
-        caption_overrides, encoder_overrides = _checked_caption(overrides)
-        encoder_kwargs = {
-            **base.encoder_kwargs,
-            **caption_overrides.pop("encoder_kwargs", {}),
-            **encoder_overrides,
-        }
-        cfg = dataclasses.replace(base, **caption_overrides, encoder_kwargs=encoder_kwargs)
+        cfg = _caption_config(config or CaptionConfig(), overrides)
         self.config = cfg
-        self.encoder = create_model(cfg.encoder, **{**cfg.encoder_kwargs, "num_classes": 0})
-        if not isinstance(self.encoder, VisionTransformer):
-            raise TypeError(f"encoder {cfg.encoder!r} is not a VisionTransformer variant")
+        self.encoder = _caption_encoder(cfg)
         enc_dim = self.encoder.num_features
         d = cfg.decoder_dim or enc_dim
         heads = cfg.decoder_heads or self.encoder.config.num_heads
@@ -200,6 +192,23 @@ class CaptioningTransformer(nn.Module):
         → next-token logits (B, T, V). ``padding_mask`` (B, T) marks padding with True."""
         return self.decode(tokens, self.forward_memory(images), padding_mask=padding_mask)
 
+    @torch.no_grad()
+    def word_attention(self, images: Tensor, tokens: Tensor, layer: int = -1) -> Tensor:
+        """Word → patch attention when the captioner reads ``tokens`` (B, T) (``<bos>`` first) for
+        ``images``: the ``layer``-th decoder block's cross-attention weights, head mean, on the
+        patch grid (B, T, gh, gw). Row t is where the model looks to predict token t+1. The
+        prefix columns (the class token) are dropped, so rows need not sum to one."""
+        attn = self.blocks[layer].cross_attn
+        captured: list[Tensor] = []
+        attn.recorder = captured.append
+        try:
+            self(images, tokens)
+        finally:
+            attn.recorder = None
+        weights = captured[-1].mean(dim=1)[:, :, self.encoder.num_prefix_tokens :]  # (B, T, N)
+        gh, gw = self.encoder.grid_size
+        return rearrange(weights, "b t (gh gw) -> b t gh gw", gh=gh, gw=gw)
+
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -233,18 +242,7 @@ class CaptioningTransformer(nn.Module):
         use_cache: bool = True,
     ) -> Tensor:
         """:meth:`generate` for encoder memory (B, S, D_enc) computed by :meth:`forward_memory`."""
-        limit = self.config.max_len - 1
-        max_len = limit if max_len is None else max_len
-        if not isinstance(max_len, int) or not 1 <= max_len <= limit:
-            raise ValueError(
-                f"max_len must be an integer in [1, {limit}] (the model's max_len minus <bos>), "
-                f"got {max_len!r}"
-            )
-        if not isinstance(beam_size, int) or not 1 <= beam_size <= self.config.vocab_size:
-            raise ValueError(
-                f"beam_size must be an integer in [1, vocab_size={self.config.vocab_size}], "
-                f"got {beam_size!r}"
-            )
+        max_len = check_generation_args(max_len, beam_size, self.config)
         if beam_size == 1:
             return self._greedy(memory, max_len, use_cache)
         return self._beam_search(memory, max_len, beam_size, use_cache)
@@ -258,62 +256,67 @@ class CaptioningTransformer(nn.Module):
         return logits[:, -1].float().log_softmax(dim=-1)
 
     def _greedy(self, memory: Tensor, max_len: int, use_cache: bool) -> Tensor:
-        cfg = self.config
-        b = memory.shape[0]
-        seq = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=memory.device)
-        done = torch.zeros(b, dtype=torch.bool, device=memory.device)
         caches = [{} for _ in self.blocks] if use_cache else None
-        for _ in range(max_len):
-            nxt = self._step(seq, memory, caches).argmax(dim=-1)  # (B,)
-            nxt = nxt.masked_fill(done, cfg.pad_id)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            done |= nxt == cfg.eos_id
-            if bool(done.all()):
-                break
-        return seq[:, 1:]
+        return greedy_search(
+            lambda seq, c: (self._step(seq, memory, c), c),
+            caches,
+            self.config,
+            batch_size=memory.shape[0],
+            max_len=max_len,
+            device=memory.device,
+        )
 
     def _beam_search(self, memory: Tensor, max_len: int, k: int, use_cache: bool) -> Tensor:
-        cfg = self.config
-        b, dev = memory.shape[0], memory.device
+        b = memory.shape[0]
         memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, D): beam j of image i at i·K + j
-        seq = torch.full((b * k, 1), cfg.bos_id, dtype=torch.long, device=dev)
-        # Only the first beam is live at the start, so the K initial hypotheses are distinct.
-        scores = torch.full((b, k), float("-inf"), device=dev)
-        scores[:, 0] = 0.0
-        done = torch.zeros(b * k, dtype=torch.bool, device=dev)
         caches = [{} for _ in self.blocks] if use_cache else None
-        # A finished hypothesis can only be extended by <pad>, at no cost, so it keeps competing
-        # with its unchanged score.
-        pad_row = torch.full((cfg.vocab_size,), float("-inf"), device=dev)
-        pad_row[cfg.pad_id] = 0.0
-        for _ in range(max_len):
-            logp = self._step(seq, memory, caches)  # (B·K, V)
-            logp = torch.where(done[:, None], pad_row, logp)
-            cand = rearrange(scores, "b k -> (b k) 1") + logp
-            scores, idx = rearrange(cand, "(b k) v -> b (k v)", k=k).topk(k, dim=1)  # (B, K)
-            beam, tok = idx // cfg.vocab_size, idx % cfg.vocab_size
-            src = (torch.arange(b, device=dev)[:, None] * k + beam).flatten()  # (B·K,)
-            tok = tok.flatten()
-            seq = torch.cat([seq[src], tok[:, None]], dim=1)
-            done = done[src] | (tok == cfg.eos_id)
-            if caches is not None:  # the memory's keys/values are the same within an image
-                for cache in caches:
-                    cache["self"] = {name: t[src] for name, t in cache["self"].items()}
-            if bool(done.all()):
-                break
-        # topk returns the hypotheses best first: beam 0 of each image is its best caption.
-        return rearrange(seq, "(b k) t -> b k t", k=k)[:, 0, 1:]
+        return beam_search(
+            lambda seq, c: (self._step(seq, memory, c), c),
+            caches,
+            _reorder_caches,
+            self.config,
+            batch_size=b,
+            beam_size=k,
+            max_len=max_len,
+            device=memory.device,
+        )
 
 
-def _checked_caption(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split keyword overrides: CaptionConfig fields stay, ViTConfig fields go to the encoder."""
-    check_options(overrides, CaptionConfig, ViTConfig, what="captioning model")
-    cap_fields = {f.name for f in dataclasses.fields(CaptionConfig)}
-    out = {k: v for k, v in overrides.items() if k in cap_fields}
-    enc = {k: v for k, v in overrides.items() if k not in cap_fields}
-    if "num_classes" in enc:
+def _reorder_caches(caches: list | None, src: Tensor) -> list | None:
+    """Beam search: the self-attention caches follow their hypotheses; the memory's keys/values
+    are the same within an image, so they stay."""
+    if caches is not None:
+        for cache in caches:
+            cache["self"] = {name: t[src] for name, t in cache["self"].items()}
+    return caches
+
+
+def _caption_config(base: Any, overrides: dict[str, Any]) -> Any:
+    """A captioner's config: ``base`` (a dataclass with ``encoder_kwargs``: CaptionConfig,
+    LSTMCaptionConfig) with keyword ``overrides`` applied. Fields of ``base`` replace its own,
+    ViTConfig fields go to the encoder's keyword arguments; anything else is a TypeError naming
+    the closest options."""
+    check_options(overrides, type(base), ViTConfig, what="captioning model")
+    own = {f.name for f in dataclasses.fields(base)}
+    caption_overrides = {k: v for k, v in overrides.items() if k in own}
+    encoder_overrides = {k: v for k, v in overrides.items() if k not in own}
+    if "num_classes" in encoder_overrides:
         raise ValueError("a captioner's encoder has no classifier head: drop num_classes")
-    return out, enc
+    encoder_kwargs = {
+        **base.encoder_kwargs,
+        **caption_overrides.pop("encoder_kwargs", {}),
+        **encoder_overrides,
+    }
+    return dataclasses.replace(base, **caption_overrides, encoder_kwargs=encoder_kwargs)
+
+
+def _caption_encoder(cfg: Any) -> VisionTransformer:
+    """The ViT named by a captioner's config (``encoder``, ``encoder_kwargs``), without a
+    classifier head."""
+    encoder = create_model(cfg.encoder, **{**cfg.encoder_kwargs, "num_classes": 0})
+    if not isinstance(encoder, VisionTransformer):
+        raise TypeError(f"encoder {cfg.encoder!r} is not a VisionTransformer variant")
+    return encoder
 
 
 # Caption variants: encoder = the named ViT variant; decoder = the encoder's width and heads.
