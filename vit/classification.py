@@ -17,9 +17,10 @@ from vit.config import RunConfig
 from vit.distributed import world_size
 from vit.errors import ConfigError, DataError
 from vit.preprocess import Preprocess
+from vit.rollout import colorize
 from vit.tasks import Task
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "confusion_image"]
 
 
 class ClassificationTask(Task):
@@ -34,6 +35,8 @@ class ClassificationTask(Task):
         self._loaded: dict[str, Any] = {}
         self._val: Dataset | None = None
         self._rollout: Tensor | None = None
+        self.last_confusion: Tensor | None = None  # of the last evaluate(), for TensorBoard
+        self.paths: dict[str, list[Path]] = {}  # image files of each split, for image folders
         self._mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             from timm.data import Mixup
@@ -118,6 +121,7 @@ class ClassificationTask(Task):
             held_out = root / "test"
         if which != "train" and held_out is not None:
             x, y, classes = data.image_folder(held_out, **kw)
+            self.paths[which] = data.list_image_folder(held_out)[0]
             _, _, train_classes, _ = self._arrays("train")
             if classes != train_classes:
                 raise data.DataError(
@@ -131,12 +135,17 @@ class ClassificationTask(Task):
                 f"{root / 'train'} has one class folder ({classes[0]!r}): a classifier of one "
                 f"class cannot be wrong, so it learns nothing; add a folder per class"
             )
+        files = data.list_image_folder(root / "train")[0]
         if held_out is not None:
+            self.paths["train"] = files
             return x, y, classes, None
         # No val/ or test/: carve a deterministic stratified validation split out of train.
         train_idx, val_idx = data.split_indices(y, self.cfg.val_fraction)
         self._loaded["train"] = (x[train_idx], y[train_idx], classes, None)
         self._loaded["val"] = (x[val_idx], y[val_idx], classes, None)
+        self.paths.update(
+            train=[files[i] for i in train_idx.tolist()], val=[files[i] for i in val_idx.tolist()]
+        )
         return self._loaded[which]
 
     def build_dataset(self, split: Literal["train", "val", "test"]) -> Dataset:
@@ -222,24 +231,55 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, loader: DataLoader, device: torch.device
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        device: torch.device,
+        predictions: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        total_loss, correct, n = 0.0, 0, 0
+        """Top-1 (and top-5 with more than five classes), the mean cross-entropy and each class's
+        accuracy (``top1/<class>``, its recall); the confusion matrix (rows: true class, columns:
+        predicted) goes to :meth:`records`. ``predictions``: a list to receive one record per
+        image, in the loader's order."""
+        classes = self.state["classes"]
+        c = len(classes)
+        confusion = torch.zeros(c * c, dtype=torch.long, device=device)
+        total_loss, top5 = torch.zeros((), dtype=torch.float64, device=device), 0
         for batch in loader:
             x, y = self.prepare_batch(batch, device)
             logits = model(x).float()
             if self.cfg.tta_hflip:  # test-time augmentation: log of the mean of the two softmaxes
                 pair = torch.stack([logits, model(x.flip(-1)).float()]).log_softmax(-1)
                 logits = pair.logsumexp(0) - math.log(2)
-            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            n += len(y)
+            total_loss += F.cross_entropy(logits, y, reduction="sum").double()
+            pred = logits.argmax(-1)
+            confusion += torch.bincount(y * c + pred, minlength=c * c)
+            if c > 5:
+                top5 += (logits.topk(5, dim=-1).indices == y[:, None]).any(-1).sum()
+            if predictions is not None:
+                probs = logits.softmax(-1).max(-1).values
+                predictions += [
+                    {"label": classes[t], "predicted": classes[q], "prob": round(float(pr), 6)}
+                    for t, q, pr in zip(y.tolist(), pred.tolist(), probs.tolist(), strict=True)
+                ]
+        sums = torch.cat([total_loss[None], torch.as_tensor(top5, device=device).double()[None]])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Each DDP rank validated its share (shards_evaluation): add up the sums.
-            sums = torch.tensor([total_loss, correct, n], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(sums)
-            total_loss, correct, n = sums[0].item(), round(sums[1].item()), round(sums[2].item())
-        return {"top1": correct / n, "loss": total_loss / n, "n": n}
+            torch.distributed.all_reduce(confusion)
+        matrix = confusion.view(c, c).cpu()
+        n = int(matrix.sum())
+        per_class = matrix.diag().double() / matrix.sum(1).clamp_min(1)
+        self.last_confusion = matrix
+        metrics = {"top1": int(matrix.diag().sum()) / n}
+        if c > 5:
+            metrics["top5"] = sums[1].item() / n
+        metrics |= {"loss": sums[0].item() / n, "n": n}
+        # Per-class accuracy as flat keys ("top1/cat"): one TensorBoard curve per class.
+        return metrics | {f"top1/{k}": v for k, v in zip(classes, per_class.tolist(), strict=True)}
+
+    def records(self) -> dict[str, Any]:
+        return {} if self.last_confusion is None else {"confusion": self.last_confusion.tolist()}
 
     # -- rollout --------------------------------------------------------------------------------
     def _rollout_batch(self) -> Tensor:
@@ -263,7 +303,11 @@ class ClassificationTask(Task):
 
     def on_epoch_end(self, writer: Any, model: nn.Module, step: int, epoch: int) -> None:
         cfg = self.cfg
-        if writer is None or cfg.rollout_every == 0 or (epoch + 1) % cfg.rollout_every:
+        if writer is None:
+            return
+        if self.last_confusion is not None:
+            writer.add_image("val/confusion", confusion_image(self.last_confusion), step)
+        if cfg.rollout_every == 0 or (epoch + 1) % cfg.rollout_every:
             return
         from vit.rollout import log_rollout
 
@@ -280,6 +324,20 @@ class ClassificationTask(Task):
             discard_ratio=cfg.rollout_discard_ratio,
             per_layer=cfg.rollout_per_layer,
         )
+
+
+def confusion_image(confusion: Tensor, cell: int = 0) -> Tensor:
+    """A confusion matrix (C, C) as a picture: uint8 (3, H, W), each row normalised (the share of
+    a true class predicted as each class), jet colours, ``cell`` pixels per entry (default: a
+    256-pixel image, at least 4 per entry), a white grid."""
+    c = confusion.shape[0]
+    cell = cell or max(4, 256 // c)
+    shares = confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1)
+    big = shares.float().repeat_interleave(cell, 0).repeat_interleave(cell, 1)  # (C·cell, C·cell)
+    image = colorize(big[None])[0]
+    image[:, ::cell, :] = 1.0
+    image[:, :, ::cell] = 1.0
+    return (image * 255).round().to(torch.uint8)
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,19 @@ class RunConfig:
     )
     beta2: float = _opt(0.999, "AdamW beta2 (also of Muon's AdamW part)")
     warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
+    layer_decay: float = _opt(
+        1.0,
+        "fine-tuning: scale block i's lr by layer_decay^(depth+1-i) (BEiT); 1 = off, e.g. 0.75",
+    )
+    grad_accum_steps: int = _opt(
+        1, "split each step's batch into this many micro-batches (same step, less memory)"
+    )
+    init_from: str = _opt(
+        "",
+        "start from these weights: a vit checkpoint or export folder, a timm or .safetensors "
+        "state dict (position embedding and patch kernel resampled, head replaced when the "
+        "classes differ)",
+    )
     grad_clip: float = _opt(1.0, "clip the gradient norm to this; 0 = off")
     label_smoothing: float = _opt(0.1, "label smoothing (also applied to mixup targets)")
     mixup: float = _opt(0.0, "mixup alpha (Zhang et al. 2018); 0 = off")
@@ -120,6 +134,8 @@ class RunConfig:
 
 _POSITIVE = (
     "img_size",
+    "grad_accum_steps",
+    "layer_decay",
     "epochs",
     "batch_size",
     "lr",
@@ -235,6 +251,16 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     for key, bound in _AT_MOST.items():
         if getattr(cfg, key) > bound:
             raise ConfigError(f"{key} is at most {bound:,}, got {getattr(cfg, key):,}")
+    if cfg.layer_decay > 1:
+        raise ConfigError(f"layer_decay must be in (0, 1] (1 = off), got {cfg.layer_decay}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (cfg.batch_size // world) % cfg.grad_accum_steps:
+        raise ConfigError(
+            f"grad_accum_steps {cfg.grad_accum_steps} must divide the batch of each process "
+            f"({cfg.batch_size // world})"
+        )
+    if cfg.init_from and not Path(cfg.init_from).exists():
+        raise ConfigError(f"--init-from {cfg.init_from}: no such file or folder")
     for key in ("crop_padding", "cutout"):  # checked before any image is decoded
         if getattr(cfg, key) > cfg.img_size:
             raise ConfigError(

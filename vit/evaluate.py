@@ -17,6 +17,7 @@ import torch
 from vit.checkpoint import load_model
 from vit.config import make_config, resolve_device
 from vit.errors import CliParser, ConfigError, run_command
+from vit.preprocess import display_path
 from vit.tasks import get_task
 
 __all__ = ["evaluate_checkpoint", "main"]
@@ -33,12 +34,16 @@ def evaluate_checkpoint(
     weights: Literal["auto", "ema", "model"] = "auto",
     amp: Literal["bf16", "fp16", "off"] = "off",
     tta_hflip: bool | None = None,
+    predictions: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on a split; ``data``/``data_dir`` default to the training run's.
 
     ``weights``: ``auto`` the EMA weights when the run kept them (what training validated), ``ema``
     (an error without them) or ``model`` (the raw weights). ``tta_hflip``: average each image's
-    softmax with its mirror image's (default: as the run validated).
+    softmax with its mirror image's (default: as the run validated). ``predictions``: a list
+    that receives one record per image (index, file path for image folders, label, predicted
+    class and its probability). The result also holds the task's non-scalar records (e.g. the
+    confusion matrix).
 
     Raises:
         UsageError: a bad checkpoint, dataset or option (one line naming the fix).
@@ -66,8 +71,14 @@ def evaluate_checkpoint(
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    kw = {} if predictions is None else {"predictions": predictions}
     with autocast:
-        return task.evaluate(model, loader, dev)
+        metrics = task.evaluate(model, loader, dev, **kw)
+    if predictions is not None:
+        paths = getattr(task, "paths", {}).get(split)
+        for i, row in enumerate(predictions):
+            row.update({"index": i, **({"path": display_path(paths[i])} if paths else {})})
+    return {**metrics, **task.records()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,14 +183,25 @@ def build_optimizer(
     model's ``no_weight_decay()``), at ``cfg.lr``; the scheduler sets each step's lr.
     ``distributed``: the default process group's ranks hold DDP-averaged gradients."""
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    from timm.optim import param_groups_weight_decay
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
     # Muon orthogonalises the updates of hidden weight matrices only: the input and output
     # layers stay with AdamW (Jordan et al. 2024), as do 1-D parameters.
     fallback = ("*patch_embed.*", "*token_embed.*", "head.*") if cfg.optimizer == "muon" else ()
-    groups = param_groups_weight_decay(
-        model, cfg.weight_decay, no_weight_decay_list=nwd, fallback_list=fallback
-    )
+    if cfg.layer_decay < 1:
+        # Fine-tuning: block i of L learns at lr·layer_decay^(L+1-i), the stem the slowest
+        # (BEiT, Bao et al. 2022, Sec. 2.3); each group's "lr_scale" multiplies the scheduled lr.
+        groups = param_groups_layer_decay(
+            model,
+            cfg.weight_decay,
+            no_weight_decay_list=nwd,
+            fallback_list=fallback,
+            layer_decay=cfg.layer_decay,
+        )
+    else:
+        groups = param_groups_weight_decay(
+            model, cfg.weight_decay, no_weight_decay_list=nwd, fallback_list=fallback
+        )
     betas = (0.9, cfg.beta2)
     if cfg.optimizer == "muon":
         # Under DDP the ranks split the Newton-Schulz iterations (vit.optim.Muon).
@@ -200,7 +211,3 @@ def build_optimizer(
     # per group); the results agree to rounding.
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop

@@ -33,6 +33,7 @@ __all__ = [
     "RESUMABLE_KEYS",
     "RunLock",
     "check_out_dir",
+    "check_resume",
     "make_out_dir",
     "read_metrics",
     "resume_changes",
@@ -42,6 +43,7 @@ __all__ = [
 # Keys a resumed run may change; every other key would change what the saved state means.
 RESUMABLE_KEYS = {
     "epochs": "extends (or shortens) the schedule",
+    "grad_accum_steps": "micro-batches of the same step",
     "time_limit": "a resumed run keeps its step schedule; extend it with --epochs",
     "val_every": "validation cadence",
     "save_every": "checkpoint cadence",
@@ -61,7 +63,7 @@ RESUMABLE_KEYS = {
     "cache_dir": "decoded-image cache",
 }
 # Never compared: how this process was started.
-_IGNORED = {"resume", "out_dir", "overwrite"}
+_IGNORED = {"resume", "out_dir", "overwrite", "init_from"}
 # What a run writes into its directory (--overwrite removes exactly these).
 _RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "rollout_images.json", "vocab.json")
 _RUN_GLOBS = ("config*.yaml", "events.out.tfevents.*", ".*.pt.tmp")
@@ -208,6 +210,38 @@ def _leftovers(out: Path, existing: list[Path]) -> str:
         f"{out} holds the logs of a run that saved no checkpoint ({names}); start over with "
         f"--overwrite (removes them) or choose another --out-dir"
     )
+
+
+def check_resume(ckpt: dict[str, Any], cfg: RunConfig, world_size: int, path: Path) -> list[str]:
+    """Refuse a resume whose config changes what the checkpoint's state means (see
+    :func:`resume_changes`), or whose checkpoint holds no training state; the changes that may be
+    applied, one line each. ``world_size``: this run's number of processes.
+
+    Raises:
+        CheckpointError: no optimizer, scaler, progress or RNG state in the checkpoint.
+        ConfigError: a change that breaks exact resume.
+    """
+    from vit.data.transforms import AugmentPolicy
+    from vit.errors import CheckpointError
+
+    missing = [k for k in ("optimizer", "scaler", "progress", "rng") if k not in ckpt]
+    if missing or not isinstance(ckpt.get("progress"), dict):
+        raise CheckpointError(
+            f"{path} holds no training state ({', '.join(missing) or 'progress'} missing or "
+            f"malformed): it cannot be resumed; start a new run from its weights with --init-from"
+        )
+    notes = resume_changes(ckpt["config"], cfg)
+    saved_world = ckpt.get("world_size", len(ckpt["rng"].get("ranks", [None])))
+    random_draws = AugmentPolicy.from_config(cfg).enabled or cfg.mixup > 0 or cfg.cutmix > 0
+    if saved_world != world_size:
+        if random_draws or cfg.drop_path > 0:
+            raise ConfigError(
+                f"the run was trained by {saved_world} process(es), this is {world_size}: with "
+                f"random augmentation or drop path that changes the random draws; resume with "
+                f"{saved_world} process(es)"
+            )
+        notes.append(f"processes: {saved_world} -> {world_size}")
+    return notes
 
 
 def resume_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:

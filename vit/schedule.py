@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from vit.errors import ConfigError
 
-__all__ = ["Progress", "extend", "lr_at", "scheduled_lr"]
+__all__ = ["Progress", "extend", "fit_to_time", "lr_at", "scheduled_lr"]
 
 
 @dataclass
@@ -72,3 +72,25 @@ def extend(p: Progress, *, total_steps: int, lr: float, min_lr: float) -> str:
     p.restart_step, p.restart_lr, p.total_steps = p.step, restart_lr, total_steps
     how = " (a warm restart of the finished run)" if finished else ""
     return f"schedule: from step {p.step} to {total_steps}, cosine from lr {restart_lr:.3g}{how}"
+
+
+def fit_to_time(
+    p: Progress,
+    *,
+    seconds_left: float,
+    margin: float,
+    step_time: float,
+    epoch_end: float,
+    steps_per_epoch: int,
+    val_every: int,
+    max_steps: int,
+) -> None:
+    """Size the schedule (``--time-limit``) so the remaining steps, every ``val_every`` epochs'
+    validation and checkpoint (``epoch_end`` seconds each) and the final one end ``margin``
+    seconds before ``seconds_left`` runs out; at most ``max_steps``. The warmup stays within the
+    first fifth."""
+    per_step = step_time + epoch_end / (steps_per_epoch * val_every)
+    budget = seconds_left - margin - epoch_end
+    steps = max(p.step + 1, p.step + int(budget / per_step))
+    p.total_steps = min(steps, max_steps)
+    p.warmup_steps = min(p.warmup_steps, p.total_steps // 5)

@@ -108,6 +108,11 @@ class Task(abc.ABC):
         """Metrics over ``loader`` (runs under autocast; ``model`` is in eval mode): must hold
         ``primary_metric``, ``"loss"`` and ``"n"`` (number of examples)."""
 
+    def records(self) -> dict[str, Any]:
+        """Results of the last :meth:`evaluate` that are not one number (e.g. a confusion
+        matrix), for ``metrics.jsonl`` and ``vit.evaluate``'s JSON line."""
+        return {}
+
     def on_epoch_end(self, writer: Any, model: nn.Module, step: int, epoch: int) -> None:  # noqa: B027
         """Extra TensorBoard output after each validation (``model``: the weights validated)."""
 

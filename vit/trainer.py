@@ -41,19 +41,18 @@ from vit.checkpoint import (
     set_rng_state,
 )
 from vit.config import RunConfig
-from vit.data.transforms import AugmentPolicy
 from vit.distributed import init_distributed
 from vit.errors import CheckpointError, ConfigError
 from vit.optim import build_optimizer
 from vit.rundir import (
     RunLock,
     check_out_dir,
+    check_resume,
     make_out_dir,
     read_metrics,
-    resume_changes,
     write_config,
 )
-from vit.schedule import Progress, extend, scheduled_lr
+from vit.schedule import Progress, extend, fit_to_time, scheduled_lr
 from vit.tasks import get_task
 
 __all__ = ["Diverged", "Interrupted", "Trainer", "train"]
@@ -112,7 +111,9 @@ class Trainer:
         if ckpt is not None and ckpt["task"] != cfg.task:
             raise CheckpointError(f"{resume} is a {ckpt['task']!r} checkpoint, not {cfg.task!r}")
         self.resumed_from = resume
-        self.resume_notes = self._check_resume(ckpt) if ckpt is not None else []
+        self.resume_notes = (
+            check_resume(ckpt, cfg, self.world_size, resume) if ckpt is not None else []
+        )
         self.task = task_cls(cfg, ckpt["task_state"] if ckpt else None)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -125,7 +126,10 @@ class Trainer:
                 f"batch_size {cfg.batch_size} exceeds the {len(self.train_set)} training images; "
                 f"lower --batch-size"
             )
-        self.model = self.task.build_model().to(self.device)
+        self.model = self.task.build_model()
+        if cfg.init_from and ckpt is None:  # a resumed run continues from its own weights
+            self._init_from(Path(cfg.init_from))
+        self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg, distributed=self.world_size > 1)
@@ -235,29 +239,19 @@ class Trainer:
             return last if last.is_file() and not cfg.overwrite else None
         return Path(cfg.resume) if cfg.resume else None
 
-    def _check_resume(self, ckpt: dict[str, Any]) -> list[str]:
-        """Refuse a resume whose config changes what the checkpoint's state means; the changes
-        that may be applied, one line each."""
-        cfg = self.cfg
-        missing = [k for k in ("optimizer", "scaler", "progress", "rng") if k not in ckpt]
-        if missing or not isinstance(ckpt.get("progress"), dict):
-            raise CheckpointError(
-                f"{self.resumed_from} holds no training state ({', '.join(missing) or 'progress'} "
-                f"missing or malformed): it cannot be resumed; start a new run from its weights "
-                f"with --init-from"
-            )
-        notes = resume_changes(ckpt["config"], cfg)
-        saved_world = ckpt.get("world_size", len(ckpt["rng"].get("ranks", [None])))
-        augmented = AugmentPolicy.from_config(cfg).enabled or cfg.mixup > 0 or cfg.cutmix > 0
-        if saved_world != self.world_size:
-            if augmented or cfg.drop_path > 0:
-                raise ConfigError(
-                    f"the run was trained by {saved_world} process(es), this is {self.world_size}: "
-                    f"with random augmentation or drop path that changes the random draws; "
-                    f"resume with {saved_world} process(es)"
-                )
-            notes.append(f"processes: {saved_world} -> {self.world_size}")
-        return notes
+    def _init_from(self, path: Path) -> None:
+        """Fine-tuning: ``path``'s weights through :func:`vit.timm_interop.load_pretrained`
+        (position embedding and patch kernel resampled, a head of other classes replaced; a
+        captioner's encoder for a captioner); its notes are printed once (rank 0)."""
+        from vit.timm_interop import load_pretrained, logger
+
+        logger.disabled = not self.is_main
+        try:
+            load_pretrained(getattr(self.model, "encoder", self.model), path)
+        except (TypeError, ValueError) as e:  # CheckpointError is a ValueError
+            raise CheckpointError(f"--init-from {path}: {e}") from None
+        finally:
+            logger.disabled = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -327,12 +321,22 @@ class Trainer:
         p = self.progress
         lr = scheduled_lr(p, p.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay's scale
         batch = self.task.prepare_batch(batch, self.device)
-        with self.autocast:
-            loss = self.task.loss(self.train_model, batch, p.step)
-        value = self._sync_step(loss)
-        self.scaler.scale(loss).backward()
+        n = self.cfg.grad_accum_steps
+        # Micro-batches: the mean of their mean losses is the batch's mean loss (equal sizes), so
+        # the step is the same; DDP averages the gradients once, after the last one.
+        micro = zip(*(t.chunk(n) for t in batch), strict=True) if n > 1 else [batch]
+        value = torch.zeros((), device=self.device)
+        for i, chunk in enumerate(micro):
+            no_sync = getattr(self.train_model, "no_sync", None)
+            sync = contextlib.nullcontext() if i == n - 1 or no_sync is None else no_sync()
+            with sync:
+                with self.autocast:
+                    loss = self.task.loss(self.train_model, chunk, p.step) / n
+                self.scaler.scale(loss).backward()
+            value = value + loss.detach().float()
+        value = self._sync_step(value)
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -425,17 +429,20 @@ class Trainer:
         measured step time and epoch-end time (before the first validation: validating a sample
         costs about a third of a training step, checkpoints are written at 200 MB/s)."""
         cfg, p = self.cfg, self.progress
-        remaining = cfg.time_limit * 60 - (time.monotonic() - self.t_start)
         if epoch_end is None:
             per_sample = step_time / cfg.batch_size
             n_params = sum(t.numel() for t in self.model.parameters())
             epoch_end = len(self.val_set) * per_sample / 3 + 0.2 + n_params * 16 / 200e6
-        margin = 0.03 * cfg.time_limit * 60 + 2.0
-        budget = remaining - margin - epoch_end
-        per_step = step_time + epoch_end / (self.steps_per_epoch * cfg.val_every)
-        steps = max(p.step + 1, p.step + int(budget / per_step))
-        p.total_steps = min(steps, cfg.epochs * self.steps_per_epoch)
-        p.warmup_steps = min(p.warmup_steps, p.total_steps // 5)
+        fit_to_time(
+            p,
+            seconds_left=cfg.time_limit * 60 - (time.monotonic() - self.t_start),
+            margin=0.03 * cfg.time_limit * 60 + 2.0,
+            step_time=step_time,
+            epoch_end=epoch_end,
+            steps_per_epoch=self.steps_per_epoch,
+            val_every=cfg.val_every,
+            max_steps=cfg.epochs * self.steps_per_epoch,
+        )
         if self.world_size > 1:
             # Each rank timed its own steps; rank 0's schedule is everyone's, or they stop apart.
             sched = torch.tensor([p.total_steps, p.warmup_steps], device=self.device)
@@ -463,17 +470,22 @@ class Trainer:
         purge = self.progress.step if self.resumed_from is not None else None
         return SummaryWriter(str(self.out), purge_step=purge)
 
-    def _log(self, writer: Any, kind: str, values: dict[str, Any]) -> None:
+    def _log(
+        self, writer: Any, kind: str, values: dict[str, Any], records: dict[str, Any] | None = None
+    ) -> None:
+        """One line of ``metrics.jsonl`` (``values`` and the non-scalar ``records``); the
+        numbers as TensorBoard scalars."""
         if writer is None:  # DDP ranks other than 0
             return
         p = self.progress
         # "seconds": since this process started (the time-to-accuracy curve).
         seconds = round(time.monotonic() - self.t_start, 2)
         record = {"kind": kind, "step": p.step, "epoch": p.epoch, "seconds": seconds, **values}
+        record |= records or {}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
         for k, v in values.items():
-            if k != "n" and isinstance(v, (int, float)):
+            if k != "n" and isinstance(v, int | float):
                 writer.add_scalar(f"{kind}/{k}", v, p.step)
 
     # -- signals --------------------------------------------------------------------------------
@@ -604,7 +616,7 @@ class Trainer:
         metrics = self.validate()
         self.last_metrics = metrics
         primary = metrics[self.task.primary_metric]
-        self._log(writer, "val", metrics)
+        self._log(writer, "val", metrics, self.task.records())
         self.task.on_epoch_end(writer, self.eval_model(), p.step, p.epoch - 1)
         if primary > p.best:
             p.best, p.best_step = primary, p.step
@@ -612,7 +624,7 @@ class Trainer:
         self.save()
         if writer is None:  # DDP ranks other than 0
             return True
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if _fmt(v) and k != "n")
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "n" and "/" not in k)
         print(
             f"epoch {p.epoch} step {p.step}/{p.total_steps}: val {shown} "
             f"(best {self.task.primary_metric} {_fmt(p.best)}) "
@@ -623,10 +635,9 @@ class Trainer:
         return True
 
 
-def _fmt(value: Any) -> str:
-    """A metric for the progress line: four decimals, so 1.0000 and 0.9660 line up ("" for
-    what is not a number, e.g. a per-class list)."""
-    return f"{value:.4f}" if isinstance(value, float | int) and not isinstance(value, bool) else ""
+def _fmt(value: float) -> str:
+    """A metric for the progress line: four decimals, so 1.0000 and 0.9660 line up."""
+    return f"{value:.4f}"
 
 
 def _hparams(cfg: RunConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from vit.data.datasets import (
     ImageDataset,
     cifar10,
     image_folder,
+    list_image_folder,
     split_indices,
     synthetic,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "build_transform",
     "cifar10",
     "image_folder",
+    "list_image_folder",
     "make_loader",
     "randaugment_batch",
     "randaugment_params",

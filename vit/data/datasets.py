@@ -29,6 +29,7 @@ __all__ = [
     "ImageDataset",
     "cifar10",
     "image_folder",
+    "list_image_folder",
     "split_indices",
     "synthetic",
 ]
@@ -200,7 +201,13 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".") and p.is_file()
 
 
-def _list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """``root/<class>/<image>``: the image files, their labels and the class names, sorted
+    (hidden files and folders skipped).
+
+    Raises:
+        DataError: a missing or unreadable folder, no class folders, an empty class.
+    """
     shown = display_path(root)
     if not root.is_dir():
         raise DataError(f"{shown} is not a directory")
@@ -250,7 +257,7 @@ def image_folder(
         DataError: a missing or unreadable folder, an empty class, an unreadable image.
     """
     root = Path(root)
-    files, labels, classes = _list_image_folder(root)
+    files, labels, classes = list_image_folder(root)
     # Names are hashed as bytes: file names need not be valid UTF-8.
     key = hashlib.sha1(os.fsencode(root.resolve()) + f"|{img_size}".encode())
     for p in files:

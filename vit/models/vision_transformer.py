@@ -260,6 +260,17 @@ class VisionTransformer(nn.Module):
         """Parameter names exempt from weight decay besides norms and biases (timm's convention)."""
         return {"pos_embed", "cls_token"}
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups by depth, as timm's ViT: the stem (embeddings, tokenizer), each block,
+        then the final norm; what layer-wise lr decay (``timm.optim.param_groups_layer_decay``)
+        reads. The head and pooling come last, at full lr."""
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "blocks": r"^blocks\.(\d+)"
+            if coarse
+            else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """(rows, columns) of the token grid: the patch grid, or the conv tokenizer's output."""
