@@ -115,7 +115,10 @@ def test_python_m_vit_train_is_train_py(tmp_path: Path) -> None:
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-@pytest.mark.parametrize("script", ["vit-train", "vit-evaluate", "vit-rollout", "vit-caption"])
+@pytest.mark.parametrize(
+    "script",
+    ["vit-train", "vit-evaluate", "vit-rollout", "vit-caption", "vit-predict", "vit-export"],
+)
 def test_installed_commands_answer_help(script: str) -> None:
     path = shutil.which(script) or str(Path(sys.executable).parent / script)
     assert Path(path).is_file(), f"{script} is not installed: pip install -e ."

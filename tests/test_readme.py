@@ -24,10 +24,14 @@ ENTRY_POINTS = (
     "python -m vit.evaluate",
     "python -m vit.rollout",
     "python -m vit.caption",
+    "python -m vit.predict",
+    "python -m vit.export",
     "vit-train",
     "vit-evaluate",
     "vit-rollout",
     "vit-caption",
+    "vit-predict",
+    "vit-export",
 )
 QUICK_START_TRAIN = "python train.py --config configs/synthetic.yaml"
 QUICK_START_RUN = "runs/synthetic/best.pt"

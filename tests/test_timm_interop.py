@@ -185,6 +185,14 @@ def test_timm_create_model_builds_our_variants() -> None:
         16,
     )
     assert model.pretrained_cfg["input_size"] == (3, 16, 16)
+    # timm's transforms normalise with the statistics of the data each variant is sized for.
+    cifar = timm.data.resolve_data_config(model=model)
+    assert cifar["mean"] == (0.4914, 0.4822, 0.4465) and cifar["std"] == (0.2470, 0.2435, 0.2616)
+    imagenet = timm.data.resolve_data_config(
+        model=timm.create_model("vitpkg_vit_tiny_patch16_224", depth=1)
+    )
+    assert imagenet["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    assert imagenet["std"] == timm.data.IMAGENET_DEFAULT_STD
     with pytest.raises(ValueError, match=r"no pretrained weights.*load_pretrained"):
         timm.create_model("vitpkg_vit_tiny_patch4_32", pretrained=True)
     with pytest.raises(ValueError, match="global_pool='map' is not supported"):

@@ -32,6 +32,8 @@ from vit.checkpoint import read_state_dict, strip_wrapper_prefixes
 from vit.models import VARIANTS, VisionTransformer, ViTConfig, create_model
 
 __all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "TIMM_PREFIX",
     "LoadReport",
     "config_from_timm",
@@ -405,6 +407,13 @@ def _clip(keys: list[str], n: int = 8) -> str:
 # ----------------------------------------------------------------------------------------------
 # timm registry
 # ----------------------------------------------------------------------------------------------
+# The per-channel mean and standard deviation of CIFAR-10's 50,000 training images, over all their
+# pixels on [0, 1]: (0.49140, 0.48216, 0.44653) and (0.24703, 0.24349, 0.26159), e.g. computed in
+# kuangliu/pytorch-cifar#19 and MadryLab/robustness#70 from torchvision's CIFAR10 arrays. The
+# often-copied std (0.2023, 0.1994, 0.2010) averages per-image stds and is not the dataset's.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
 # timm-style keyword → ours; values pass through unless translated below.
 _TIMM_KWARGS = {"init_values": "layer_scale_init"}
 _GLOBAL_POOL = {"token": "cls", "avg": "mean"}
@@ -431,9 +440,14 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
             overrides["pool"] = _GLOBAL_POOL[pool]
         model = create_model(name, **overrides)
         config = model.config
-        # Read by timm.data.resolve_data_config (input size for timm's transforms).
+        # Read by timm.data.resolve_data_config (timm's transforms), which falls back to ImageNet's
+        # statistics without mean/std: the 32-pixel variants are CIFAR-sized, so CIFAR-10's.
+        imagenet = (timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)
+        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name.endswith("_32") else imagenet
         model.pretrained_cfg = {
             "input_size": (config.in_chans, config.img_size, config.img_size),
+            "mean": mean,
+            "std": std,
             "num_classes": config.num_classes,
             "interpolation": "bicubic",
             "crop_pct": 1.0,

@@ -11,6 +11,7 @@ from torch import nn
 from vit.models import cct as _cct  # noqa: F401  (registers the cct_* variants)
 from vit.models._registry import VARIANTS, create_model, list_models, num_params, register_variant
 from vit.models.captioning import CaptionConfig, CaptioningTransformer
+from vit.models.pretrained import from_pretrained, save_pretrained
 from vit.models.show_attend_tell import CaptioningLSTM, LSTMCaptionConfig
 from vit.models.vision_transformer import VisionTransformer, ViTConfig
 
@@ -23,10 +24,12 @@ __all__ = [
     "ViTConfig",
     "VisionTransformer",
     "create_model",
+    "from_pretrained",
     "from_timm",
     "list_models",
     "num_params",
     "register_variant",
+    "save_pretrained",
 ]
 
 

@@ -1,0 +1,242 @@
+"""Weights-only artifacts: an export folder (``model.safetensors`` + ``config.json``) and one-call
+loading, from a local folder or a Hugging Face Hub repository.
+
+The folder is the Hub's layout for PyTorch models (``huggingface_hub.upload_folder`` publishes it
+as it is; ``python -m vit.export`` writes it from a training checkpoint, with a ``README.md`` model
+card). ``config.json`` holds::
+
+    {"format": "vit.export/1", "architecture": "vit_tiny_patch4_32", "model_args": {...},
+     "task": "classify", "num_classes": 10, "class_names": [...],    # captioners: "vocab": [...]
+     "img_size": 32, "preprocess": {...},  # vit.preprocess.Preprocess.to_dict()
+     "weights": "ema" | "model", "metric": {"name": "top1", "value": 0.81, ...}, "vit_version": ...}
+
+We do not use ``huggingface_hub.PyTorchModelHubMixin``: it rebuilds a model by calling its class
+with the ``__init__`` arguments it recorded, but ours are built from a variant name plus keyword
+overrides by a task (a captioner may wrap any ViT variant as its encoder), so the caller would
+have to know the class; its config would lack the preprocessing and class names inference needs;
+and it builds whatever a downloaded config asks for before it looks at the weights, where
+:func:`from_pretrained` refuses a model larger than the weights stored beside it. Loading also
+needs no ``huggingface_hub`` import unless a repository is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vit.errors import CheckpointError, UsageError
+from vit.preprocess import Preprocess
+
+__all__ = [
+    "CONFIG_NAME",
+    "EXPORT_FORMAT",
+    "WEIGHTS_NAME",
+    "from_pretrained",
+    "read_export",
+    "read_export_config",
+    "save_pretrained",
+]
+
+EXPORT_FORMAT = "vit.export/1"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# What config.json must hold, with the type of each entry (num_classes/class_names for
+# classifiers and vocab for captioners are checked per task).
+_REQUIRED = {"architecture": str, "model_args": dict, "task": str, "preprocess": dict}
+# "owner/name" (or a bare legacy name) as the Hub spells repository ids.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_FIX = "write one with python -m vit.export --checkpoint CKPT --out-dir DIR"
+
+
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, config: dict) -> Path:
+    """Write ``model``'s weights as ``out_dir/model.safetensors`` and ``config`` (the entries of
+    ``config.json`` listed in the module docstring; ``format`` and ``vit_version`` are added) as
+    ``out_dir/config.json``. Returns ``out_dir``.
+
+    Tied weights (the captioner's output projection is its token embedding) are stored once.
+    Each file is written to a temporary name and renamed, so a crash leaves no half file.
+
+    Raises:
+        ValueError: ``config`` lacks an entry :func:`from_pretrained` needs.
+    """
+    from safetensors.torch import save_model
+    from timm.utils import unwrap_model
+
+    from vit import __version__
+
+    missing = [k for k, tp in _REQUIRED.items() if not isinstance(config.get(k), tp)]
+    if missing:
+        raise ValueError(f"save_pretrained: config needs {', '.join(missing)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = unwrap_model(model)  # torch.compile and DDP wrappers would prefix every key
+    record = {"format": EXPORT_FORMAT, **config}
+    record.setdefault("vit_version", __version__)
+    tmp = out / f".{WEIGHTS_NAME}.tmp"
+    save_model(model, str(tmp), metadata={"format": "pt"})  # "pt": what the Hub's loaders expect
+    os.replace(tmp, out / WEIGHTS_NAME)
+    tmp = out / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / CONFIG_NAME)
+    return out
+
+
+def read_export_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated ``config.json`` of an export folder.
+
+    Raises:
+        CheckpointError: the folder or its config is missing, unreadable, not JSON, not of format
+            ``vit.export/1``, or missing an entry (one line naming the file and the fix).
+    """
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"export folder {folder} does not exist; {_FIX}")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a vit export folder: it holds no {CONFIG_NAME}; {_FIX}"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e.msg}, line {e.lineno}); export the checkpoint again"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"cannot read {path}: {reason}") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a vit export config (no format {EXPORT_FORMAT!r}); {_FIX}"
+        )
+    problems = [
+        f"{k!r} is missing" if k not in config else f"{k!r} is not a {tp.__name__}"
+        for k, tp in _REQUIRED.items()
+        if not isinstance(config.get(k), tp)
+    ]
+    labels = "vocab" if config.get("task") == "caption" else "class_names"
+    names = config.get(labels)
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        problems.append(f"{labels!r} is not a list of names")
+    elif labels == "class_names":
+        counts = {config.get("num_classes"), (config.get("model_args") or {}).get("num_classes")}
+        if not counts <= {len(names), None}:
+            problems.append(f"num_classes does not match the {len(names)} class_names")
+    if problems:
+        raise CheckpointError(f"{path} is malformed: {'; '.join(problems)}; export it again")
+    return config
+
+
+def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, config)`` of a local export folder: as :func:`from_pretrained`, with its
+    validated ``config.json`` (e.g. for the class names and :class:`~vit.preprocess.Preprocess`).
+
+    Raises:
+        CheckpointError: as :func:`read_export_config`; a folder without weights; weights that are
+            corrupt or do not fit the config's architecture.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_model
+
+    from vit.tasks import get_task
+
+    folder = Path(path)
+    config = read_export_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(
+            f"export folder {folder} holds no weights ({WEIGHTS_NAME} is missing); {_FIX}"
+        )
+    try:
+        with safe_open(weights, framework="pt") as f:  # reads the header only
+            stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+        preprocess = Preprocess.from_dict(config["preprocess"])
+        task = get_task(config["task"])
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"cannot read {weights}: not a valid safetensors file ({e})"
+        ) from None
+    except (UsageError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME} is malformed: {e}") from None
+    spec = {"name": config["architecture"], "kwargs": config["model_args"]}
+    try:
+        model = task.build_checked(spec, max_params=stored)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME} is malformed: its model cannot be built with the "
+            f"{stored:,} weights stored beside it ({first})"
+        ) from None
+    try:
+        load_model(model, weights, strict=True, device="cpu")
+    except (RuntimeError, SafetensorError) as e:
+        detail = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"the weights in {weights} do not fit its config's {spec['name']!r} "
+            f"({detail.strip()}); export the checkpoint again"
+        ) from None
+    model.pretrained_cfg = _pretrained_cfg(config, preprocess)
+    return model.eval(), config
+
+
+def from_pretrained(
+    path_or_repo_id: str | os.PathLike[str], *, revision: str | None = None
+) -> nn.Module:
+    """The model of an export folder (``python -m vit.export``), in eval mode on the CPU, with a
+    timm-style ``model.pretrained_cfg`` (mean, std, input_size, interpolation, crop_pct,
+    num_classes, label_names). A path that is not a local folder is taken as a Hugging Face Hub
+    repository id and downloaded (``revision``: a branch, tag or commit).
+
+    Raises:
+        CheckpointError: as :func:`read_export`; a Hub repository that cannot be fetched.
+    """
+    folder = Path(path_or_repo_id)
+    if not folder.is_dir():
+        folder = _download(os.fspath(path_or_repo_id), revision)
+    return read_export(folder)[0]
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    if Path(repo_id).exists():
+        raise CheckpointError(
+            f"{repo_id} is a file, not an export folder; for a training checkpoint use "
+            f"vit.checkpoint.load_model, or export it with python -m vit.export"
+        )
+    if not _REPO_ID.match(repo_id):
+        raise CheckpointError(f"export folder {repo_id} does not exist; {_FIX}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        files = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"no local folder {repo_id}, and fetching it as a Hugging Face Hub repository "
+            f"failed ({first})"
+        ) from None
+
+
+def _pretrained_cfg(config: dict[str, Any], preprocess: Preprocess) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` keys, read by ``timm.data.resolve_data_config``. With crop_pct
+    1.0, timm's centre crop is ours: the shorter side to the size, then the centre square."""
+    classify = config["task"] != "caption"
+    size = preprocess.img_size
+    return {
+        "architecture": config["architecture"],
+        "input_size": (3, size, size),
+        "mean": preprocess.mean,
+        "std": preprocess.std,
+        "interpolation": preprocess.interpolation,
+        "crop_pct": 1.0,
+        "crop_mode": "squash" if preprocess.resize == "squash" else "center",
+        "num_classes": len(config["class_names"]) if classify else 0,
+        "label_names": list(config["class_names"]) if classify else None,
+    }
