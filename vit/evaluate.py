@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -102,13 +104,39 @@ def main(argv: list[str] | None = None) -> int:
         help="average each image's softmax with its mirror image's (default: as the run did)",
     )
 
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="also write one row per image (.csv or .jsonl): index, path, label, prediction, prob",
+    )
+
     def run() -> None:
-        args = p.parse_args(argv)
-        if args.batch_size <= 0:
-            raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
-        print(json.dumps(evaluate_checkpoint(**vars(args))))
+        args = vars(p.parse_args(argv))
+        if args["batch_size"] <= 0:
+            raise ConfigError(f"--batch-size must be positive, got {args['batch_size']}")
+        out = args.pop("predictions")
+        if out is not None and Path(out).suffix.lower() not in (".csv", ".jsonl"):
+            raise ConfigError(f"--predictions must end in .csv or .jsonl, got {out}")
+        rows: list[dict[str, Any]] | None = [] if out is not None else None
+        metrics = evaluate_checkpoint(**args, predictions=rows)
+        if out is not None:
+            _write_rows(Path(out), rows or [])
+        print(json.dumps(metrics))
 
     return run_command(run)
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as JSON lines, or CSV with a header, chosen by ``path``'s extension."""
+    columns = ["index", "path", "label", "predicted", "prob"]
+    columns = [c for c in columns if rows and c in rows[0]]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        if path.suffix.lower() == ".jsonl":
+            f.writelines(json.dumps({c: r[c] for c in columns}) + "\n" for r in rows)
+        else:
+            table = csv.DictWriter(f, columns)
+            table.writeheader()
+            table.writerows(rows)
 
 
 if __name__ == "__main__":

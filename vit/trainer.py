@@ -245,13 +245,16 @@ class Trainer:
         captioner's encoder for a captioner); its notes are printed once (rank 0)."""
         from vit.timm_interop import load_pretrained, logger
 
-        logger.disabled = not self.is_main
+        logger.disabled = True  # the notes are printed below, by rank 0 alone
         try:
-            load_pretrained(getattr(self.model, "encoder", self.model), path)
+            report = load_pretrained(getattr(self.model, "encoder", self.model), path)
         except (TypeError, ValueError) as e:  # CheckpointError is a ValueError
             raise CheckpointError(f"--init-from {path}: {e}") from None
         finally:
             logger.disabled = False
+        if self.is_main:
+            for note in report.notes or ["every weight loaded as it was"]:
+                print(f"init-from {path}: {note}", file=sys.stderr)
 
     def state_dict(self) -> dict[str, Any]:
         return {
