@@ -17,7 +17,8 @@ validation):
 * generation ms per caption: ``generate`` (encoder + greedy decoding, cached state) on a batch of
   64 validation images on the CPU with ``--threads`` threads, median of 5 timed runs / 64.
 
-Run it on an otherwise idle machine: the table shows the 1-minute load average before each run.
+Run it on an otherwise idle machine: the table shows the 1-minute load average before training.
+``--parallel`` trains both at once, each pinned to its own core.
 The last line printed is one JSON object.
 """
 
@@ -58,8 +59,10 @@ QUICK = {
 GEN_BATCH, GEN_REPEATS = 64, 5
 
 
-def train(recipe: str, out_dir: Path, time_limit: float, threads: int, quick: bool) -> float:
-    """Train ``recipe`` in a fresh engine process; returns the wall-clock seconds."""
+def start(
+    recipe: str, out_dir: Path, time_limit: float, threads: int, quick: bool, core: int | None
+) -> subprocess.Popen:
+    """Start training ``recipe`` in a fresh engine process (pinned to CPU ``core`` if given)."""
     import yaml
 
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / recipe)]
@@ -72,10 +75,37 @@ def train(recipe: str, out_dir: Path, time_limit: float, threads: int, quick: bo
         cmd += ["--epochs", str(QUICK["epochs"]), "--task-args", json.dumps(task_args)]
         cmd += ["--log-every", str(QUICK["log_every"])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.monotonic()
-    done = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"training {recipe} failed (exit {done.returncode}); see its log above")
+    pin = None if core is None else lambda: os.sched_setaffinity(0, {core})
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, text=True, preexec_fn=pin
+    )
+
+
+def train_all(
+    recipes: list[str],
+    runs: list[Path],
+    time_limit: float,
+    threads: int,
+    quick: bool,
+    parallel: bool,
+) -> list[float]:
+    """Train every recipe, one after the other or (``parallel``) at once, each process pinned
+    to its own core; returns each run's wall-clock seconds."""
+    walls = []
+    procs: list[tuple[str, subprocess.Popen, float]] = []
+    for i, (recipe, run) in enumerate(zip(recipes, runs, strict=True)):
+        core = i % (os.cpu_count() or 1) if parallel else None
+        procs.append(
+            (recipe, start(recipe, run, time_limit, threads, quick, core), time.monotonic())
+        )
+        if not parallel:
+            walls.append(_wait(*procs.pop()))
+    return walls + [_wait(*p) for p in procs]
+
+
+def _wait(recipe: str, proc: subprocess.Popen, t0: float) -> float:
+    if proc.wait() != 0:
+        raise SystemExit(f"training {recipe} failed (exit {proc.returncode}); see its log above")
     return time.monotonic() - t0
 
 
@@ -121,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads, training and timing (1)")
     p.add_argument("--out-dir", default="", help="runs/caption-decoders[-quick] by default")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data and budget")
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train the decoders at once, each pinned to its own core (needs a core per decoder "
+        "and --threads 1; halves the wall time on an otherwise idle machine)",
+    )
     args = p.parse_args(argv)
     if args.time_limit is None:
         args.time_limit = QUICK["time_limit"] if args.quick else 15.0
@@ -135,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
 
+    load = os.getloadavg()[0]
+    print(f"== {args.time_limit:g} min per decoder", file=sys.stderr, flush=True)
+    recipes = [recipe for _, recipe in DECODERS]
+    walls = train_all(recipes, runs, args.time_limit, args.threads, args.quick, args.parallel)
     rows = []
-    for (decoder, recipe), run in zip(DECODERS, runs, strict=True):
-        load = os.getloadavg()[0]
-        print(f"== {decoder}: {recipe}, {args.time_limit:g} min", file=sys.stderr, flush=True)
-        wall = train(recipe, run, args.time_limit, args.threads, args.quick)
+    for (decoder, _), run, wall in zip(DECODERS, runs, walls, strict=True):
         last = run / "last.pt"
         metrics = evaluate_checkpoint(str(last), split="val", device="cpu")
         model, ckpt = load_model(last)

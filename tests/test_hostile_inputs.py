@@ -458,3 +458,10 @@ def test_load_pretrained_strips_wrappers_in_any_order() -> None:
 def test_preprocess_refuses_a_malformed_record() -> None:
     with pytest.raises(KeyError):
         Preprocess.from_dict({"mean": [0, 0, 0]})
+
+
+def test_time_limit_with_epochs_shorter_than_the_timing_window(tmp_path: Path) -> None:
+    """Two steps an epoch: the time fit runs at epoch ends before 12 steps were timed."""
+    argv = ["--data", "synthetic", "--synthetic-train", "32", "--synthetic-val", "8", *TINY]
+    argv += ["--batch-size", "16", "--epochs", "30", "--time-limit", "0.1"]
+    assert train_main([*argv, "--out-dir", str(tmp_path / "run")]) == 0

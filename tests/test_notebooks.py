@@ -16,8 +16,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     notebook = nbformat.read(path, as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
-        f"{path.name} is stored with outputs; clear them before committing"
+    # Stored with their outputs, so a reader sees the results without running them.
+    assert all(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
+        f"{path.name} is stored without the outputs of some cells; run it and save them "
+        f"(in Jupyter: Run All, then save)"
     )
     # The kernel must import this checkout's `vit`, and write nothing into the repository.
     monkeypatch.setenv(

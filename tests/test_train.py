@@ -394,10 +394,13 @@ def test_mirror_test_time_augmentation_averages_the_two_softmaxes(tmp_path: Path
 
 def test_evaluate_matches_training_metrics(tmp_path: Path, capsys) -> None:
     cfg = tiny(tmp_path, epochs=2, ema=True)
-    metrics = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    metrics = trainer.fit()
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(Path(cfg.out_dir) / "last.pt")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The JSON line also holds the confusion matrix, the task's non-scalar record.
+    assert line.pop("confusion") == trainer.task.records()["confusion"]
     assert line == pytest.approx(metrics)
     assert (
         evaluate.main(

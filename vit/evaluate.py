@@ -37,6 +37,7 @@ def evaluate_checkpoint(
     amp: Literal["bf16", "fp16", "off"] = "off",
     tta_hflip: bool | None = None,
     predictions: list[dict[str, Any]] | None = None,
+    records: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on a split; ``data``/``data_dir`` default to the training run's.
 
@@ -44,8 +45,8 @@ def evaluate_checkpoint(
     (an error without them) or ``model`` (the raw weights). ``tta_hflip``: average each image's
     softmax with its mirror image's (default: as the run validated). ``predictions``: a list
     that receives one record per image (index, file path for image folders, label, predicted
-    class and its probability). The result also holds the task's non-scalar records (e.g. the
-    confusion matrix).
+    class and its probability); ``records``: a dict that receives the task's non-scalar results
+    (e.g. the confusion matrix). The metrics are those training's validation reports.
 
     Raises:
         UsageError: a bad checkpoint, dataset or option (one line naming the fix).
@@ -80,7 +81,9 @@ def evaluate_checkpoint(
         paths = getattr(task, "paths", {}).get(split)
         for i, row in enumerate(predictions):
             row.update({"index": i, **({"path": display_path(paths[i])} if paths else {})})
-    return {**metrics, **task.records()}
+    if records is not None:
+        records.update(task.records())
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None and Path(out).suffix.lower() not in (".csv", ".jsonl"):
             raise ConfigError(f"--predictions must end in .csv or .jsonl, got {out}")
         rows: list[dict[str, Any]] | None = [] if out is not None else None
-        metrics = evaluate_checkpoint(**args, predictions=rows)
+        records: dict[str, Any] = {}
+        metrics = evaluate_checkpoint(**args, predictions=rows, records=records)
         if out is not None:
             _write_rows(Path(out), rows or [])
-        print(json.dumps(metrics))
+        print(json.dumps(metrics | records))
 
     return run_command(run)
 
