@@ -109,6 +109,11 @@ def _wait(recipe: str, proc: subprocess.Popen, t0: float) -> float:
     return time.monotonic() - t0
 
 
+def _logged_seconds(run: Path) -> float:
+    """The seconds of the last record of a run's metrics.jsonl (since its process started)."""
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["seconds"]
+
+
 def images_per_s(run: Path) -> float:
     """Median of the engine's logged training throughput (images/s) over the run."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -152,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="", help="runs/caption-decoders[-quick] by default")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data and budget")
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no training: the table of the finished runs in --out-dir",
+    )
+    p.add_argument(
         "--parallel",
         action="store_true",
         help="train the decoders at once, each pinned to its own core (needs a core per decoder "
@@ -166,15 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir or f"runs/caption-decoders{'-quick' if args.quick else ''}").resolve()
     runs = [out / Path(recipe).stem for _, recipe in DECODERS]
     taken = [str(r) for r in runs if r.exists()]
-    if taken:
+    if args.report_only:
+        missing = [str(r / "last.pt") for r in runs if not (r / "last.pt").is_file()]
+        if missing:
+            print(f"error: no finished runs: {', '.join(missing)}", file=sys.stderr)
+            return 2
+    elif taken:
         print(f"error: {', '.join(taken)} exist(s); pass another --out-dir", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
 
     load = os.getloadavg()[0]
-    print(f"== {args.time_limit:g} min per decoder", file=sys.stderr, flush=True)
     recipes = [recipe for _, recipe in DECODERS]
-    walls = train_all(recipes, runs, args.time_limit, args.threads, args.quick, args.parallel)
+    if args.report_only:  # the runs' own clock: the last logged record's seconds
+        walls = [_logged_seconds(run) for run in runs]
+    else:
+        print(f"== {args.time_limit:g} min per decoder", file=sys.stderr, flush=True)
+        walls = train_all(recipes, runs, args.time_limit, args.threads, args.quick, args.parallel)
     rows = []
     for (decoder, _), run, wall in zip(DECODERS, runs, walls, strict=True):
         last = run / "last.pt"

@@ -63,18 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", nargs="+", required=True, help="image files (any PIL format)")
     p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
     p.add_argument("--max-len", type=int, help="most words to generate (default: the model's)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_device()
 
     def run() -> None:
-        args = p.parse_args(argv)
-        captions = caption_images(
-            args.checkpoint,
-            args.images,
-            beam_size=args.beam_size,
-            max_len=args.max_len,
-            device=args.device,
-        )
-        for path, caption in zip(args.images, captions, strict=True):
+        options = vars(p.parse_args(argv))
+        paths = options.pop("images")
+        captions = caption_images(options.pop("checkpoint"), paths, **options)
+        for path, caption in zip(paths, captions, strict=True):
             print(f"{display_path(path)}: {caption}")
 
     return run_command(run)

@@ -5,8 +5,9 @@ Every module maps (B, C, H, W) -> (B, C, H, W) and is built by name from :data:`
 asymmetric pyramid non-local block are the Transformer's attention over H·W positions, so they call
 :func:`vit.layers.scaled_dot_product_attention` instead of a second softmax(q·kᵀ)·v.
 
-Reduction ratios default to the papers' values; a constructor raises ``ValueError`` when the
-channel count does not divide by them, rather than silently rounding the hidden width.
+Reduction ratios default to the papers' values; a constructor with a ``reduction`` raises
+``ValueError`` when ``channels`` does not divide by it, rather than silently rounding the hidden
+width (the Raises sections below list only the other checks).
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def _reduced(channels: int, reduction: int, module: str) -> int:
     return channels // reduction
 
 
+def _bottleneck(
+    channels: int, hidden: int, norm: Callable[[int], nn.Module] | None = None
+) -> list[nn.Module]:
+    """The channel MLP ``C → hidden → C`` with a ReLU (and ``norm(hidden)`` before it) of SE, CBAM,
+    BAM and GC, as layers for an ``nn.Sequential``: the linear layers are its entries 0 and 2 (3
+    with a norm), the parameter names the authors' checkpoints and timm use."""
+    hidden_norm = [] if norm is None else [norm(hidden)]
+    return [nn.Linear(channels, hidden), *hidden_norm, nn.ReLU(), nn.Linear(hidden, channels)]
+
+
 def _to_tokens(x: Tensor) -> Tensor:
     return rearrange(x, "b c h w -> b (h w) c")  # (B, C, H, W) -> (B, H·W, C), row-major positions
 
@@ -70,17 +81,12 @@ class SqueezeExcitation(nn.Module):
     connected layers carry biases, as in the authors' released models.
 
     Shapes: (B, C, H, W) -> (B, C, H, W).
-
-    Raises:
-        ValueError: ``channels`` is not divisible by ``reduction``.
     """
 
     def __init__(self, channels: int, *, reduction: int = 16) -> None:
         super().__init__()
         hidden = _reduced(channels, reduction, "SqueezeExcitation")
-        self.excite = nn.Sequential(
-            nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid()
-        )
+        self.excite = nn.Sequential(*_bottleneck(channels, hidden), nn.Sigmoid())
 
     def forward(self, x: Tensor) -> Tensor:
         gates = self.excite(reduce(x, "b c h w -> b c", "mean"))  # (B, C)
@@ -149,11 +155,7 @@ class GlobalSecondOrderPooling(nn.Module):
     """
 
     def __init__(
-        self,
-        channels: int,
-        *,
-        reduced_channels: int | None = None,
-        row_expansion: int = 4,
+        self, channels: int, *, reduced_channels: int | None = None, row_expansion: int = 4
     ) -> None:
         super().__init__()
         c = min(128, channels) if reduced_channels is None else reduced_channels
@@ -197,7 +199,7 @@ class CBAM(nn.Module):
     Shapes: (B, C, H, W) -> (B, C, H, W).
 
     Raises:
-        ValueError: ``channels`` is not divisible by ``reduction``; ``spatial_kernel`` is even.
+        ValueError: ``spatial_kernel`` is even.
     """
 
     def __init__(self, channels: int, *, reduction: int = 16, spatial_kernel: int = 7) -> None:
@@ -205,9 +207,7 @@ class CBAM(nn.Module):
         hidden = _reduced(channels, reduction, "CBAM")
         if spatial_kernel < 1 or spatial_kernel % 2 == 0:
             raise ValueError(f"CBAM spatial_kernel must be odd, got {spatial_kernel}")
-        self.channel_mlp = nn.Sequential(
-            nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels)
-        )
+        self.channel_mlp = nn.Sequential(*_bottleneck(channels, hidden))
         self.spatial_conv = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
         self.recorder: Callable[[Tensor], None] | None = None
 
@@ -251,9 +251,6 @@ class BAM(nn.Module):
     paper's sum).
 
     Shapes: (B, C, H, W) -> (B, C, H, W).
-
-    Raises:
-        ValueError: ``channels`` is not divisible by ``reduction``.
     """
 
     def __init__(self, channels: int, *, reduction: int = 16, dilation: int = 4) -> None:
@@ -265,11 +262,7 @@ class BAM(nn.Module):
             return [conv, nn.BatchNorm2d(hidden), nn.ReLU()]
 
         self.channel_gate = nn.Sequential(
-            nn.Linear(channels, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, channels),
-            nn.BatchNorm1d(channels),
+            *_bottleneck(channels, hidden, nn.BatchNorm1d), nn.BatchNorm1d(channels)
         )
         self.spatial_gate = nn.Sequential(
             nn.Conv2d(channels, hidden, kernel_size=1),
@@ -345,7 +338,27 @@ class SelectiveKernel(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Self-attention over positions
 # ----------------------------------------------------------------------------------------------
-class NonLocalBlock(nn.Module):
+class _PositionAttention(nn.Module):
+    """Attention over the H·W positions with 1×1 convolutions ``to_q``, ``to_k`` (to
+    ``channels // reduction``) and ``to_v`` (to ``value_channels``, default the same) and plain
+    dot-product scores (``scale=1.0``): what the non-local block and DANet's position attention
+    share."""
+
+    def __init__(self, channels: int, reduction: int, value_channels: int | None = None) -> None:
+        super().__init__()
+        inner = _reduced(channels, reduction, type(self).__name__)
+        self.to_q = nn.Conv2d(channels, inner, kernel_size=1)
+        self.to_k = nn.Conv2d(channels, inner, kernel_size=1)
+        self.to_v = nn.Conv2d(channels, value_channels or inner, kernel_size=1)
+
+    def attend(self, x: Tensor) -> Tensor:
+        """``Σ_j softmax_j(q_i · k_j) v_j`` for every position i, on the grid: (B, C_v, H, W)."""
+        q, k, v = (_to_tokens(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        out, _ = scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H·W, C_v)
+        return rearrange(out, "b (h w) c -> b c h w", h=x.shape[2])
+
+
+class NonLocalBlock(_PositionAttention):
     """Non-local block, embedded Gaussian (Wang et al. 2018, "Non-local Neural Networks",
     Sec. 3.2-3.3).
 
@@ -354,30 +367,20 @@ class NonLocalBlock(nn.Module):
     the block starts as the identity.
 
     Shapes: (B, C, H, W) -> (B, C, H, W).
-
-    Raises:
-        ValueError: ``channels`` is not divisible by ``reduction``.
     """
 
     def __init__(self, channels: int, *, reduction: int = 2) -> None:
-        super().__init__()
-        inner = _reduced(channels, reduction, "NonLocalBlock")
-        self.to_q = nn.Conv2d(channels, inner, kernel_size=1)  # θ
-        self.to_k = nn.Conv2d(channels, inner, kernel_size=1)  # φ
-        self.to_v = nn.Conv2d(channels, inner, kernel_size=1)  # g
-        self.to_out = nn.Conv2d(inner, channels, kernel_size=1)  # W_z
+        super().__init__(channels, reduction)  # θ, φ, g: to_q, to_k, to_v
+        self.to_out = nn.Conv2d(self.to_v.out_channels, channels, kernel_size=1)  # W_z
         self.norm = nn.BatchNorm2d(channels)
         nn.init.zeros_(self.norm.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = (_to_tokens(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
-        # The embedded Gaussian is exp(θᵀφ) without a 1/sqrt(d) factor: scale=1.0.
-        y, _ = scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H·W, C/2)
-        y = rearrange(y, "b (h w) c -> b c h w", h=x.shape[2])
-        return x + self.norm(self.to_out(y))
+        # The embedded Gaussian is exp(θᵀφ) without a 1/sqrt(d) factor: attend's scale=1.0.
+        return x + self.norm(self.to_out(self.attend(x)))  # y: (B, C/2, H, W)
 
 
-class PositionAttentionModule(nn.Module):
+class PositionAttentionModule(_PositionAttention):
     """DANet's position attention module (Fu et al. 2019, "Dual Attention Network for Scene
     Segmentation", Sec. 3.2, eqs. 1-2).
 
@@ -385,24 +388,15 @@ class PositionAttentionModule(nn.Module):
     convolutions to C/8 channels, values a 1×1 convolution to C; ``α`` starts at 0.
 
     Shapes: (B, C, H, W) -> (B, C, H, W).
-
-    Raises:
-        ValueError: ``channels`` is not divisible by ``reduction``.
     """
 
     def __init__(self, channels: int, *, reduction: int = 8) -> None:
-        super().__init__()
-        inner = _reduced(channels, reduction, "PositionAttentionModule")
-        self.to_q = nn.Conv2d(channels, inner, kernel_size=1)
-        self.to_k = nn.Conv2d(channels, inner, kernel_size=1)
-        self.to_v = nn.Conv2d(channels, channels, kernel_size=1)
+        super().__init__(channels, reduction, value_channels=channels)
         self.alpha = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = (_to_tokens(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
-        # Eq. 1 scores are plain dot products, no 1/sqrt(d) factor: scale=1.0.
-        out, _ = scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H·W, C)
-        return x + self.alpha * rearrange(out, "b (h w) c -> b c h w", h=x.shape[2])
+        # Eq. 1 scores are plain dot products, no 1/sqrt(d) factor: attend's scale=1.0.
+        return x + self.alpha * self.attend(x)
 
 
 class ChannelAttentionModule(nn.Module):
@@ -437,9 +431,6 @@ class DualAttention(nn.Module):
     the two modules alone, so at initialisation (α = β = 0) it returns ``2x``.
 
     Shapes: (B, C, H, W) -> (B, C, H, W).
-
-    Raises:
-        ValueError: ``channels`` is not divisible by ``reduction``.
     """
 
     def __init__(self, channels: int, *, reduction: int = 8) -> None:
@@ -525,21 +516,13 @@ class GlobalContextBlock(nn.Module):
     starts at zero, so the block starts as the identity; LayerNorm eps 1e-5.
 
     Shapes: (B, C, H, W) -> (B, C, H, W).
-
-    Raises:
-        ValueError: ``channels`` is not divisible by ``reduction``.
     """
 
     def __init__(self, channels: int, *, reduction: int = 16) -> None:
         super().__init__()
         hidden = _reduced(channels, reduction, "GlobalContextBlock")
         self.to_logits = nn.Conv2d(channels, 1, kernel_size=1)  # W_k
-        self.transform = nn.Sequential(
-            nn.Linear(channels, hidden),
-            nn.LayerNorm(hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, channels),
-        )
+        self.transform = nn.Sequential(*_bottleneck(channels, hidden, nn.LayerNorm))
         nn.init.kaiming_normal_(self.to_logits.weight, mode="fan_in", nonlinearity="relu")
         nn.init.zeros_(self.to_logits.bias)
         nn.init.zeros_(self.transform[-1].weight)

@@ -10,6 +10,7 @@ CCT-7/3x1 has the paper's 3.76M parameters and the checkpoints' keys line up.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from itertools import pairwise
 from typing import Any
 
@@ -17,40 +18,54 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vit.conv_attention import create_conv_attention
+from vit.errors import did_you_mean
 
 __all__ = ["ConvTokenizer", "SequencePool", "conv_grid_size"]
 
 
-def _pooled_length(n: int, kernel: int, stride: int, padding: int) -> int:
-    """Output length of a convolution or max-pool (dilation 1, floor mode) over ``n`` inputs."""
-    return (n + 2 * padding - kernel) // stride + 1
+@dataclass(frozen=True)
+class _Stage:
+    """A tokenizer stage's convolution and max-pool settings; the defaults are CCT's."""
+
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 1
+    pool_kernel: int = 3
+    pool_stride: int = 2
+    pool_padding: int = 1
+
+    @classmethod
+    def of(cls, settings: Mapping[str, int]) -> _Stage:
+        """The stage for keyword ``settings``; an unknown name is a TypeError naming the options."""
+        names = [f.name for f in fields(cls)]
+        for key in settings:
+            if key not in names:
+                raise TypeError(
+                    f"unknown ConvTokenizer option {key!r}{did_you_mean(key, names)} "
+                    f"(stage options: {', '.join(names)})"
+                )
+        return cls(**settings)
+
+    def out_length(self, n: int) -> int:
+        """Output length of the convolution, then the max-pool (dilation 1, floor mode), over
+        ``n`` inputs."""
+        n = (n + 2 * self.padding - self.kernel_size) // self.stride + 1
+        return (n + 2 * self.pool_padding - self.pool_kernel) // self.pool_stride + 1
+
+    def grid(self, img_size: int | tuple[int, int], num_layers: int) -> tuple[int, int]:
+        rows, cols = (img_size, img_size) if isinstance(img_size, int) else img_size
+        for _ in range(num_layers):
+            rows, cols = self.out_length(rows), self.out_length(cols)
+        return rows, cols
 
 
 def conv_grid_size(
-    img_size: int | tuple[int, int],
-    *,
-    num_layers: int,
-    kernel_size: int = 3,
-    stride: int = 1,
-    padding: int = 1,
-    pool_kernel: int = 3,
-    pool_stride: int = 2,
-    pool_padding: int = 1,
+    img_size: int | tuple[int, int], *, num_layers: int, **stage: int
 ) -> tuple[int, int]:
-    """The (rows, columns) token grid of a :class:`ConvTokenizer` with these settings for
-    ``img_size`` (int or (H, W)) images, without building one."""
-    rows, cols = (img_size, img_size) if isinstance(img_size, int) else img_size
-    for _ in range(num_layers):
-        rows, cols = (
-            _pooled_length(
-                _pooled_length(n, kernel_size, stride, padding),
-                pool_kernel,
-                pool_stride,
-                pool_padding,
-            )
-            for n in (rows, cols)
-        )
-    return rows, cols
+    """The (rows, columns) token grid of ``ConvTokenizer(num_layers=num_layers, **stage)`` for
+    ``img_size`` (int or (H, W)) images, without building one (``stage``: the tokenizer's
+    convolution and max-pool settings, with its defaults)."""
+    return _Stage.of(stage).grid(img_size, num_layers)
 
 
 class ConvTokenizer(nn.Module):
@@ -62,10 +77,15 @@ class ConvTokenizer(nn.Module):
     ``attention`` set (a key of :data:`vit.conv_attention.CONV_ATTENTION`), that module, built with
     ``attention_kwargs``, follows each stage's max-pool; it is not part of CCT.
 
+    ``stage``: every stage's convolution (``kernel_size`` 3, ``stride`` 1, ``padding`` 1) and
+    max-pool (``pool_kernel`` 3, ``pool_stride`` 2, ``pool_padding`` 1) settings; the defaults
+    are CCT's.
+
     Shapes: (B, in_chans, H, W) -> (B, N, embed_dim), ``N = prod(grid_size((H, W)))``.
 
     Raises:
         ValueError: ``num_layers`` < 1, or ``attention`` is not a registered name.
+        TypeError: a ``stage`` keyword that is none of the above.
     """
 
     def __init__(
@@ -74,29 +94,23 @@ class ConvTokenizer(nn.Module):
         in_chans: int = 3,
         embed_dim: int,
         num_layers: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: int = 1,
-        pool_kernel: int = 3,
-        pool_stride: int = 2,
-        pool_padding: int = 1,
         hidden_channels: int = 64,
         attention: str | None = None,
         attention_kwargs: Mapping[str, Any] | None = None,
+        **stage: int,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"ConvTokenizer needs num_layers >= 1, got {num_layers}")
         widths = [in_chans] + [hidden_channels] * (num_layers - 1) + [embed_dim]
-        self._conv_spec = (kernel_size, stride, padding)
-        self._pool_spec = (pool_kernel, pool_stride, pool_padding)
+        self._stage = spec = _Stage.of(stage)
         # `conv_layers.{i}.0.weight` is CCT's own key for stage i's convolution.
         self.conv_layers = nn.Sequential(
             *(
                 nn.Sequential(
-                    nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False),
+                    nn.Conv2d(c_in, c_out, spec.kernel_size, spec.stride, spec.padding, bias=False),
                     nn.ReLU(),
-                    nn.MaxPool2d(pool_kernel, pool_stride, pool_padding),
+                    nn.MaxPool2d(spec.pool_kernel, spec.pool_stride, spec.pool_padding),
                     create_conv_attention(attention, c_out, **(attention_kwargs or {}))
                     if attention is not None
                     else nn.Identity(),
@@ -104,23 +118,12 @@ class ConvTokenizer(nn.Module):
                 for c_in, c_out in pairwise(widths)
             )
         )
-        for stage in self.conv_layers:
-            nn.init.kaiming_normal_(stage[0].weight)  # CCT: fan_in, gain sqrt(2)
+        for stage_layers in self.conv_layers:
+            nn.init.kaiming_normal_(stage_layers[0].weight)  # CCT: fan_in, gain sqrt(2)
 
     def grid_size(self, img_size: int | tuple[int, int]) -> tuple[int, int]:
         """The (rows, columns) of the token grid for ``img_size`` (int or (H, W)) images."""
-        kernel, stride, padding = self._conv_spec
-        pool_kernel, pool_stride, pool_padding = self._pool_spec
-        return conv_grid_size(
-            img_size,
-            num_layers=len(self.conv_layers),
-            kernel_size=kernel,
-            stride=stride,
-            padding=padding,
-            pool_kernel=pool_kernel,
-            pool_stride=pool_stride,
-            pool_padding=pool_padding,
-        )
+        return self._stage.grid(img_size, len(self.conv_layers))
 
     def num_tokens(self, img_size: int | tuple[int, int]) -> int:
         """Sequence length N for ``img_size`` images (sizes the positional embedding)."""

@@ -61,6 +61,19 @@ class CliParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
+    def add_device(self) -> None:
+        """``--device auto|cpu|cuda`` (auto: CUDA when available)."""
+        self.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    def add_weights(self) -> None:
+        """``--weights auto|ema|model``: which of a checkpoint's weights to use."""
+        self.add_argument(
+            "--weights",
+            choices=("auto", "ema", "model"),
+            default="auto",
+            help="auto: the EMA weights when the run kept them (default); ema; model: raw weights",
+        )
+
 
 def run_command(main: Callable[[], int | None]) -> int:
     """Run a command's body: a :class:`UsageError` becomes ``error: ...`` on stderr and exit 2."""

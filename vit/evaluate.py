@@ -93,13 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", help="dataset directory (default: the training run's)")
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
-        "--weights",
-        choices=("auto", "ema", "model"),
-        default="auto",
-        help="auto: the EMA weights when the run kept them (default); ema; model: the raw weights",
-    )
+    p.add_device()
+    p.add_weights()
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off")
     p.add_argument(
         "--tta-hflip",

@@ -2,8 +2,8 @@
 
 References: Vaswani et al. 2017, "Attention Is All You Need" (attention, sinusoidal encoding, the
 encoder/decoder blocks); Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words" (patch embedding,
-ViT); Huang et al. 2016 (stochastic depth); Touvron et al. 2021, CaiT (layer scale); Bahdanau et al.
-2015 (additive attention, as Show, Attend and Tell uses it).
+ViT); Huang et al. 2016 (stochastic depth); Touvron et al. 2021, CaiT (layer scale). Additive
+attention (Bahdanau et al. 2015) is :mod:`vit.additive_attention`'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = [
-    "AdditiveAttention",
+    "AdditiveAttention",  # noqa: F822 (vit.additive_attention's, re-exported by __getattr__)
     "Attention",
     "DecoderBlock",
     "DropPath",
@@ -76,6 +76,16 @@ def _masked_scores(scores: Tensor, mask: Tensor | None) -> Tensor:
     if mask.dtype == torch.bool:
         return scores.masked_fill(~mask, float("-inf"))
     return scores + mask
+
+
+def __getattr__(name: str) -> object:
+    # AdditiveAttention lives in vit.additive_attention, which imports this module's mask helper,
+    # so it is re-exported on first use rather than imported above.
+    if name == "AdditiveAttention":
+        from vit.additive_attention import AdditiveAttention
+
+        return AdditiveAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
@@ -194,9 +204,9 @@ class Attention(nn.Module):
         x: Tensor,
         context: Tensor | None = None,
         *,
+        is_causal: bool = False,
         attn_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
-        is_causal: bool = False,
         cache: dict[str, Tensor] | None = None,
         need_weights: bool = False,
         num_queries: int | None = None,
@@ -252,62 +262,6 @@ class Attention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Additive attention
-# ----------------------------------------------------------------------------------------------
-class AdditiveAttention(nn.Module):
-    """Additive attention (Bahdanau et al. 2015, §3.1 and App. A.1.2), the ``f_att`` of Show,
-    Attend and Tell (Xu et al. 2015, Eq. 4-5): ``score(q, k) = vᵀ tanh(W_q q + W_k k + b)``,
-    softmax over the keys, weighted sum of the values.
-
-    ``bias``: the ``b`` inside the tanh, on the key projection (one bias there suffices; a bias
-    after ``v`` would cancel in the softmax), as in Xu et al.'s released code; Bahdanau's equation
-    has none (``bias=False``). ``W_k k + b`` does not depend on the query: a recurrent decoder
-    computes it once per image with :meth:`project_keys` and passes it as ``projected_keys``.
-    """
-
-    def __init__(self, query_dim: int, key_dim: int, attn_dim: int, *, bias: bool = True) -> None:
-        super().__init__()
-        self.to_q = nn.Linear(query_dim, attn_dim, bias=False)  # W_q
-        self.to_k = nn.Linear(key_dim, attn_dim, bias=bias)  # W_k, b
-        self.to_score = nn.Linear(attn_dim, 1, bias=False)  # v
-
-    def project_keys(self, keys: Tensor) -> Tensor:
-        """Keys (B, Tk, Dk) → ``W_k k + b`` (B, Tk, attn_dim)."""
-        return self.to_k(keys)
-
-    def forward(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        values: Tensor,
-        mask: Tensor | None = None,
-        *,
-        projected_keys: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Query (B, Tq, Dq) or (B, Dq), keys (B, Tk, Dk), values (B, Tk, Dv) → ``(out, weights)``:
-        (B, Tq, Dv) and (B, Tq, Tk), or (B, Dv) and (B, Tk) for a (B, Dq) query.
-
-        ``mask`` follows :func:`scaled_dot_product_attention`: broadcastable to the weights' shape,
-        boolean True = may attend (masked keys get exactly zero weight) or additive float.
-        ``projected_keys``: :meth:`project_keys` of ``keys``, when already computed.
-        """
-        single = query.ndim == 2
-        if single:  # one query per sample, as in a recurrent decoder's step
-            query = rearrange(query, "b d -> b 1 d")
-            mask = mask.unsqueeze(-2) if mask is not None else None
-        pk = self.project_keys(keys) if projected_keys is None else projected_keys
-        hidden = torch.tanh(
-            rearrange(self.to_q(query), "b q a -> b q 1 a") + rearrange(pk, "b k a -> b 1 k a")
-        )  # (B, Tq, Tk, attn_dim)
-        scores = rearrange(self.to_score(hidden), "b q k 1 -> b q k")
-        weights = _masked_scores(scores, mask).softmax(dim=-1)
-        out = torch.matmul(weights, values)  # (B, Tq, Dv)
-        if single:
-            return out[:, 0], weights[:, 0]
-        return out, weights
-
-
-# ----------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------
 def check_images(x: Tensor, *, in_chans: int, img_size: int) -> None:
@@ -356,7 +310,8 @@ class PatchEmbedding(nn.Module):
         self, *, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, dim: int = 192
     ) -> None:
         super().__init__()
-        if img_size % patch_size != 0:
+        side, rest = divmod(img_size, patch_size)
+        if rest:
             raise ValueError(
                 f"image size {img_size} is not divisible by patch size {patch_size}; pick a patch "
                 f"size that divides it (e.g. {_divisors_hint(img_size)})"
@@ -364,7 +319,7 @@ class PatchEmbedding(nn.Module):
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grid_size = (side, side)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
@@ -501,6 +456,15 @@ def _maybe(module: nn.Module, enabled: bool) -> nn.Module:
     return module if enabled else nn.Identity()
 
 
+def _residual_branch(
+    dim: int, drop_path: float, layer_scale_init: float | None = None
+) -> tuple[nn.Module, nn.Module]:
+    """What wraps a residual branch's sub-layer output: ``(layer_scale, drop_path)``, each
+    ``nn.Identity`` when off (``layer_scale_init`` None, ``drop_path`` 0)."""
+    layer_scale = _maybe(LayerScale(dim, layer_scale_init or 0.0), layer_scale_init is not None)
+    return layer_scale, _maybe(DropPath(drop_path), drop_path > 0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------
@@ -530,14 +494,12 @@ class EncoderBlock(nn.Module):
         self.attn = Attention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop
         )
-        self.ls1 = _maybe(LayerScale(dim, layer_scale_init or 0.0), layer_scale_init is not None)
-        self.drop_path1 = _maybe(DropPath(drop_path), drop_path > 0.0)
+        self.ls1, self.drop_path1 = _residual_branch(dim, drop_path, layer_scale_init)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = FeedForward(
             dim, hidden_dim=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop
         )
-        self.ls2 = _maybe(LayerScale(dim, layer_scale_init or 0.0), layer_scale_init is not None)
-        self.drop_path2 = _maybe(DropPath(drop_path), drop_path > 0.0)
+        self.ls2, self.drop_path2 = _residual_branch(dim, drop_path, layer_scale_init)
 
     def forward(
         self,
@@ -568,19 +530,21 @@ class DecoderBlock(nn.Module):
     """Pre-norm Transformer decoder block (Vaswani et al. 2017 §3.1, with pre-norm as in ViT):
 
     ``x + MaskedMHSA(LN(x))`` → ``x + CrossAttention(LN(x), memory)`` → ``x + FFN(LN(x))``.
-    """
+
+    Options as :class:`EncoderBlock`'s (no layer scale); ``context_dim``: the memory's width
+    (default ``dim``), which cross-attention projects from."""
 
     def __init__(
         self,
         dim: int,
         *,
         num_heads: int,
+        context_dim: int | None = None,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        context_dim: int | None = None,
         norm_eps: float = 1e-6,
         act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
@@ -596,7 +560,7 @@ class DecoderBlock(nn.Module):
         self.mlp = FeedForward(
             dim, hidden_dim=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop
         )
-        self.drop_path = _maybe(DropPath(drop_path), drop_path > 0.0)
+        self.drop_path = _maybe(DropPath(drop_path), drop_path > 0.0)  # shared by the branches
 
     def forward(
         self,

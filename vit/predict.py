@@ -206,13 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--output", help="a .csv or .jsonl file (default: JSON lines on stdout)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
-        "--weights",
-        choices=("auto", "ema", "model"),
-        default="auto",
-        help="auto: the EMA weights when the run kept them (default); ema; model: the raw weights",
-    )
+    p.add_device()
+    p.add_weights()
     return run_command(lambda: _run(p.parse_args(argv)))
 
 

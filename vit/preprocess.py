@@ -31,6 +31,7 @@ __all__ = [
     "Preprocess",
     "decode_image",
     "display_path",
+    "is_image_name",
     "list_images",
     "resize_image",
 ]
@@ -136,17 +137,19 @@ def resize_image(
     return np.asarray(im, dtype=np.uint8)
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name is an image's: one of :data:`IMG_EXTENSIONS`, not hidden (``.name``,
+    e.g. macOS's ``._photo.jpg`` resource forks). Training and prediction use the same rule."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMG_EXTENSIONS
+
+
 def list_images(root: Path) -> list[Path]:
-    """Image files below ``root`` (recursively, sorted), by extension, skipping hidden files and
-    folders (names starting with ``.``)."""
+    """Image files below ``root`` (recursively, sorted; :func:`is_image_name`), skipping hidden
+    folders."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [
-            Path(dirpath) / f
-            for f in filenames
-            if not f.startswith(".") and Path(f).suffix.lower() in IMG_EXTENSIONS
-        ]
+        found += [Path(dirpath) / f for f in filenames if is_image_name(f)]
     return sorted(found)
 
 

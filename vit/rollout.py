@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-fusion", choices=_FUSIONS, default="mean")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="in [0, 1)")
     parser.add_argument("--start-layer", type=int, default=0, help="first block of the rollout")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_device()
     return run_command(lambda: _run_cli(parser.parse_args(argv)))
 
 

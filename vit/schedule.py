@@ -16,12 +16,12 @@ class Progress:
     """Where a run is (saved in checkpoints): its step, epoch, schedule and best metric."""
 
     step: int = 0
+    best: float = -math.inf  # the primary metric's best value, reached at best_step
+    best_step: int = -1
     epoch: int = 0
     batch_in_epoch: int = 0
     total_steps: int = 0
     warmup_steps: int = 0
-    best: float = -math.inf
-    best_step: int = -1
     skipped_steps: int = 0  # fp16: steps the GradScaler skipped (inf/NaN gradients)
     # An extended run (--epochs raised on resume) follows a cosine from `restart_lr` at
     # `restart_step` to min_lr at total_steps; -1: the original warmup + cosine throughout.

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from vit.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -41,6 +40,7 @@ from vit.checkpoint import (
     set_rng_state,
 )
 from vit.config import RunConfig
+from vit.data.loader import WaitClock, build_loader, use_device_loader
 from vit.distributed import init_distributed
 from vit.errors import CheckpointError, ConfigError
 from vit.optim import build_optimizer
@@ -68,29 +68,6 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = signum
-
-
-class _WaitClock:
-    """Time spent waiting in ``next()`` of an iterator (the data loader's share of a step)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def iterate(self, iterable: Any) -> Iterator[Any]:
-        it = iter(iterable)
-        while True:
-            t0 = time.monotonic()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            self.seconds += time.monotonic() - t0
-            yield item
-
-    def take(self) -> float:
-        """The seconds waited since the last call."""
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
 
 
 class Trainer:
@@ -171,62 +148,25 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt, resume)
             self._extend(ckpt)
-        self.collate = self.task.collate_fn()
-        self.device_loader = self._use_device_loader()
-        self.train_loader = self._loader(self.train_set, cfg.batch_size, train=True)
-        self.val_loader = self._loader(self.val_set, 2 * cfg.batch_size, train=False)
+        collate = self.task.collate_fn()
+        # Whether the images and augmentation live on the device (vit.data.DeviceLoader).
+        self.device_loader = use_device_loader(
+            cfg, (self.train_set, self.val_set), collate, self.device
+        )
+        kw = {"on_device": self.device_loader, "device": self.device, "collate_fn": collate}
+        ranks = {"rank": self.rank, "world_size": self.world_size}
+        self.train_loader = build_loader(
+            cfg, self.train_set, cfg.batch_size, train=True, **kw, **ranks
+        )
+        # Each rank validates its share when the task adds up the ranks' sums.
+        val_ranks = ranks if self.task.shards_evaluation else {}
+        self.val_loader = build_loader(
+            cfg, self.val_set, 2 * cfg.batch_size, train=False, **kw, **val_ranks
+        )
         self._signal: int | None = None
         self._stop = False  # under DDP: some rank was signalled (agreed at each step)
-        self._data_clock = _WaitClock()
+        self._data_clock = WaitClock()
         self._unchecked: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm)
-
-    def _use_device_loader(self) -> bool:
-        """Resolve ``--loader``: the device loader needs in-memory images batched without a collate
-        function, and only pays off on CUDA (``auto``)."""
-        from vit.data import ImageDataset
-
-        cfg = self.cfg
-        why = None
-        if not all(isinstance(d, ImageDataset) for d in (self.train_set, self.val_set)):
-            why = f"task {cfg.task!r} does not keep its data as an in-memory ImageDataset"
-        elif self.collate is not None:
-            why = f"task {cfg.task!r} collates its own batches"
-        if cfg.loader == "device" and why is not None:
-            raise ConfigError(f"--loader device cannot be used: {why}; use --loader cpu or auto")
-        return cfg.loader == "device" or (
-            cfg.loader == "auto" and why is None and self.device.type == "cuda"
-        )
-
-    def _loader(self, ds: Dataset, batch_size: int, *, train: bool) -> Any:
-        """The training or validation loader: a DataLoader, or the device-resident loader, of
-        this rank's share of each global batch."""
-        from vit import data
-
-        cfg = self.cfg
-        shard = train or self.task.shards_evaluation
-        ranks = {"rank": self.rank, "world_size": self.world_size} if shard else {}
-        if self.device_loader:
-            return data.DeviceLoader(
-                ds,
-                batch_size,
-                device=self.device,
-                seed=cfg.seed,
-                shuffle=train,
-                drop_last=train,
-                policy=data.AugmentPolicy.from_config(cfg) if train else None,
-                **ranks,
-            )
-        return data.make_loader(
-            ds,
-            batch_size,
-            seed=cfg.seed,
-            shuffle=train,
-            drop_last=train,
-            workers=cfg.workers,
-            collate_fn=self.collate,
-            pin_memory=self.device.type == "cuda",
-            **ranks,
-        )
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:

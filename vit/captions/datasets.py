@@ -22,18 +22,7 @@ from vit.captions.tokenizer import Tokenizer
 from vit.errors import DataError
 from vit.preprocess import Preprocess, display_path
 
-__all__ = [
-    "CAPTION_DATASETS",
-    "CaptionData",
-    "CaptionDataset",
-    "caption_preprocess",
-    "load_caption_data",
-    "load_coco",
-    "load_flickr8k",
-    "make_shapes",
-    "normalize",
-    "read_flickr8k_captions",
-]
+# The public names are listed once, in vit.captions.__all__.
 
 log = logging.getLogger("vit.captions")
 

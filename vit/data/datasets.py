@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from vit.data.transforms import A, reseed, sample_seed
 from vit.errors import DataError
-from vit.preprocess import IMG_EXTENSIONS, Preprocess, display_path
+from vit.preprocess import IMG_EXTENSIONS, Preprocess, display_path, is_image_name
 
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -198,7 +198,7 @@ def _default_cache_dir() -> Path:
 
 
 def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    return is_image_name(p.name) and p.is_file()
 
 
 def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:

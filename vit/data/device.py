@@ -315,14 +315,10 @@ class DeviceLoader:
         self.hflip = policy.hflip
         self.randaugment_ops = randaugment_ops
         self.randaugment_magnitude = policy.randaugment_magnitude
+        # The same order, resume point and DDP shares as make_loader's.
+        order = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last}
         self.batch_sampler = EpochBatchSampler(
-            len(dataset),
-            batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
+            len(dataset), batch_size, rank=rank, world_size=world_size, **order
         )
         self._augment = shuffle and policy.enabled
         # The streams of params(): crop x, crop y, flip, cutout x, cutout y, then RandAugment's;

@@ -4,19 +4,15 @@ cross-attention), with greedy and beam-search generation over a KV cache."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from vit.layers import DecoderBlock
 from vit.layers import sinusoidal_position_encoding as sinusoidal_1d
-from vit.models._registry import check_options, create_model, register_config_variant
-from vit.models.decoding import beam_search, check_generation_args, greedy_search
-from vit.models.vision_transformer import VisionTransformer, ViTConfig
+from vit.models.decoding import Captioner, StepFn, check_caption_config
 
 __all__ = ["CaptionConfig", "CaptioningTransformer"]
 
@@ -50,27 +46,15 @@ class CaptionConfig:
     eos_id: int = 2
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("vocab_size", "max_len", "decoder_depth"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("decoder_dim", "decoder_heads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                problems.append(f"{name} must be a positive integer or None, got {value!r}")
-        for name in ("decoder_drop_rate", "decoder_attn_drop_rate", "decoder_drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if max(self.pad_id, self.bos_id, self.eos_id) >= self.vocab_size:
-            problems.append(
-                f"vocab_size {self.vocab_size} does not cover the special ids (pad {self.pad_id}, "
-                f"bos {self.bos_id}, eos {self.eos_id}); pass vocab_size=len(tokenizer)"
-            )
-        if problems:
-            raise ValueError("invalid CaptionConfig: " + "; ".join(problems))
+        check_caption_config(
+            self,
+            positive=("vocab_size", "max_len", "decoder_depth"),
+            optional=("decoder_dim", "decoder_heads"),
+            rates=("decoder_drop_rate", "decoder_attn_drop_rate", "decoder_drop_path_rate"),
+        )
 
 
-class CaptioningTransformer(nn.Module):
+class CaptioningTransformer(Captioner):
     """Image captioner: our ViT encoder → memory (B, 1+N, D) → a pre-norm Transformer decoder
     (Vaswani et al. 2017 §3.1; the "Show, Attend and Tell" recipe of Xu et al. 2015 with attention
     replaced by Transformer cross-attention) → vocabulary logits.
@@ -80,12 +64,11 @@ class CaptioningTransformer(nn.Module):
     2017, as in Vaswani et al. §3.4).
     """
 
+    config_class = CaptionConfig
+
     def __init__(self, config: CaptionConfig | None = None, **overrides: Any) -> None:
-        super().__init__()
-        cfg = _caption_config(config or CaptionConfig(), overrides)
-        self.config = cfg
-        self.encoder = _caption_encoder(cfg)
-        enc_dim = self.encoder.num_features
+        super().__init__(config, **overrides)
+        cfg, enc_dim = self.config, self.encoder.num_features
         d = cfg.decoder_dim or enc_dim
         heads = cfg.decoder_heads or self.encoder.config.num_heads
         if d % heads != 0 or d % 2 != 0:
@@ -130,26 +113,7 @@ class CaptioningTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.token_embed.weight, std=0.02)
 
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def load_encoder(self, source: str | os.PathLike[str] | dict[str, Tensor]) -> None:
-        """Initialise the encoder from a classification checkpoint: a path, a state dict or a
-        training checkpoint holding one under ``"model"``, ours or timm's.
-
-        :func:`vit.timm_interop.load_pretrained` does the loading (key names, position-embedding
-        resampling, the classifier head dropped); anything else that does not fit is a
-        ``ValueError`` naming the keys.
-        """
-        from vit.timm_interop import load_pretrained
-
-        load_pretrained(self.encoder, source)
-
-    # -- stages ---------------------------------------------------------------------------------
-    def forward_memory(self, images: Tensor) -> Tensor:
-        """Images (B, C, H, W) → encoder memory (B, prefix+N, D_enc)."""
-        return self.encoder.forward_features(images)
-
+    # -- stages (forward_memory: Captioner's) ---------------------------------------------------
     def decode(
         self,
         tokens: Tensor,
@@ -206,117 +170,30 @@ class CaptioningTransformer(nn.Module):
         finally:
             attn.recorder = None
         weights = captured[-1].mean(dim=1)[:, :, self.encoder.num_prefix_tokens :]  # (B, T, N)
-        gh, gw = self.encoder.grid_size
-        return rearrange(weights, "b t (gh gw) -> b t gh gw", gh=gh, gw=gw)
+        return self._on_grid(weights)
 
-    # -- generation -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        images: Tensor,
-        max_len: int | None = None,
-        beam_size: int = 1,
-        *,
-        use_cache: bool = True,
-    ) -> Tensor:
-        """Caption images: token ids (B, L) after ``<bos>``, ``<eos>`` included, ``<pad>`` after it.
+    # -- generation (generate, generate_from_memory: Captioner's) -------------------------------
+    def _stepper(self, memory: Tensor, use_cache: bool) -> tuple[StepFn, list | None]:
+        """The search's step function over ``memory`` and its state: one cache per block, or None
+        to re-run the decoder over the whole prefix at every step."""
 
-        ``max_len``: the most tokens to generate (default: as many as the positional table allows,
-        ``config.max_len - 1``). ``beam_size`` 1 is greedy decoding; larger runs beam search ranking
-        hypotheses by their summed log-probability (no length penalty). With ``use_cache`` each
-        step feeds only the newest token and reuses the keys/values of the earlier ones; without
-        it every step re-runs the decoder over the whole prefix (the reference for tests and the
-        speed benchmark).
-        """
-        return self.generate_from_memory(
-            self.forward_memory(images), max_len, beam_size, use_cache=use_cache
-        )
+        def step(seq: Tensor, caches: list | None) -> tuple[Tensor, list | None]:
+            if caches is None:
+                logits = self.decode(seq, memory, last_only=True)
+            else:  # only the newest token: the caches hold the earlier ones' keys/values
+                logits = self.decode(seq[:, -1:], memory, caches=caches, start=seq.shape[1] - 1)
+            return logits[:, -1].float().log_softmax(dim=-1), caches
 
-    @torch.no_grad()
-    def generate_from_memory(
-        self,
-        memory: Tensor,
-        max_len: int | None = None,
-        beam_size: int = 1,
-        *,
-        use_cache: bool = True,
-    ) -> Tensor:
-        """:meth:`generate` for encoder memory (B, S, D_enc) computed by :meth:`forward_memory`."""
-        max_len = check_generation_args(max_len, beam_size, self.config)
-        if beam_size == 1:
-            return self._greedy(memory, max_len, use_cache)
-        return self._beam_search(memory, max_len, beam_size, use_cache)
+        return step, ([{} for _ in self.blocks] if use_cache else None)
 
-    def _step(self, seq: Tensor, memory: Tensor, caches: list | None) -> Tensor:
-        """Log-probabilities (B, V) of the token after ``seq`` (B, t)."""
-        if caches is None:
-            logits = self.decode(seq, memory, last_only=True)
-        else:
-            logits = self.decode(seq[:, -1:], memory, caches=caches, start=seq.shape[1] - 1)
-        return logits[:, -1].float().log_softmax(dim=-1)
-
-    def _greedy(self, memory: Tensor, max_len: int, use_cache: bool) -> Tensor:
-        caches = [{} for _ in self.blocks] if use_cache else None
-        return greedy_search(
-            lambda seq, c: (self._step(seq, memory, c), c),
-            caches,
-            self.config,
-            batch_size=memory.shape[0],
-            max_len=max_len,
-            device=memory.device,
-        )
-
-    def _beam_search(self, memory: Tensor, max_len: int, k: int, use_cache: bool) -> Tensor:
-        b = memory.shape[0]
-        memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, D): beam j of image i at i·K + j
-        caches = [{} for _ in self.blocks] if use_cache else None
-        return beam_search(
-            lambda seq, c: (self._step(seq, memory, c), c),
-            caches,
-            _reorder_caches,
-            self.config,
-            batch_size=b,
-            beam_size=k,
-            max_len=max_len,
-            device=memory.device,
-        )
-
-
-def _reorder_caches(caches: list | None, src: Tensor) -> list | None:
-    """Beam search: the self-attention caches follow their hypotheses; the memory's keys/values
-    are the same within an image, so they stay."""
-    if caches is not None:
-        for cache in caches:
-            cache["self"] = {name: t[src] for name, t in cache["self"].items()}
-    return caches
-
-
-def _caption_config(base: Any, overrides: dict[str, Any]) -> Any:
-    """A captioner's config: ``base`` (a dataclass with ``encoder_kwargs``: CaptionConfig,
-    LSTMCaptionConfig) with keyword ``overrides`` applied. Fields of ``base`` replace its own,
-    ViTConfig fields go to the encoder's keyword arguments; anything else is a TypeError naming
-    the closest options."""
-    check_options(overrides, type(base), ViTConfig, what="captioning model")
-    own = {f.name for f in dataclasses.fields(base)}
-    caption_overrides = {k: v for k, v in overrides.items() if k in own}
-    encoder_overrides = {k: v for k, v in overrides.items() if k not in own}
-    if "num_classes" in encoder_overrides:
-        raise ValueError("a captioner's encoder has no classifier head: drop num_classes")
-    encoder_kwargs = {
-        **base.encoder_kwargs,
-        **caption_overrides.pop("encoder_kwargs", {}),
-        **encoder_overrides,
-    }
-    return dataclasses.replace(base, **caption_overrides, encoder_kwargs=encoder_kwargs)
-
-
-def _caption_encoder(cfg: Any) -> VisionTransformer:
-    """The ViT named by a captioner's config (``encoder``, ``encoder_kwargs``), without a
-    classifier head."""
-    encoder = create_model(cfg.encoder, **{**cfg.encoder_kwargs, "num_classes": 0})
-    if not isinstance(encoder, VisionTransformer):
-        raise TypeError(f"encoder {cfg.encoder!r} is not a VisionTransformer variant")
-    return encoder
+    @staticmethod
+    def _reorder(caches: list | None, src: Tensor) -> list | None:
+        """Beam search: the self-attention caches follow their hypotheses; the memory's keys/values
+        are the same within an image, so they stay."""
+        if caches is not None:
+            for cache in caches:
+                cache["self"] = {name: t[src] for name, t in cache["self"].items()}
+        return caches
 
 
 # Caption variants: encoder = the named ViT variant; decoder = the encoder's width and heads.
@@ -333,8 +210,4 @@ _CAPTION_VARIANTS = {
     ),
 }
 
-
-for _name, _defaults in _CAPTION_VARIANTS.items():
-    register_config_variant(
-        _name, lambda d, o: CaptioningTransformer(CaptionConfig(**d), **o), _defaults
-    )
+CaptioningTransformer.register_variants(_CAPTION_VARIANTS)

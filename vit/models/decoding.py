@@ -1,4 +1,5 @@
-"""Caption search shared by every captioner: greedy decoding and beam search over a step function.
+"""What every captioner shares: caption search over a step function, and the :class:`Captioner`
+base class (the encoder, generation's entry points, config checks).
 
 A captioner supplies ``step(seq, state) -> (log_probs, state)``: the tokens so far (N, t), ``<bos>``
 first, and its decoding state (a Transformer's key/value caches, an LSTM's ``(h, c)``) in; the
@@ -8,17 +9,30 @@ captions, ``<pad>`` after ``<eos>``, ranking and reordering hypotheses) lives he
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["TokenConfig", "beam_search", "check_generation_args", "greedy_search"]
+from vit.models._registry import check_options, create_model, register_config_variant
+from vit.models.vision_transformer import VisionTransformer, ViTConfig
+
+__all__ = [
+    "Captioner",
+    "TokenConfig",
+    "beam_search",
+    "check_caption_config",
+    "check_generation_args",
+    "greedy_search",
+]
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 ReorderFn = Callable[[Any, Tensor], Any]
+MaxLen = int | None  # generate's max_len; None: as many tokens as the model's max_len allows
 
 
 class TokenConfig(Protocol):
@@ -29,6 +43,39 @@ class TokenConfig(Protocol):
     pad_id: int
     bos_id: int
     eos_id: int
+
+
+def check_caption_config(
+    cfg: Any,
+    *,
+    positive: Sequence[str],
+    optional: Sequence[str] = (),
+    rates: Sequence[str] = (),
+    problems: Sequence[str] = (),
+) -> None:
+    """Raise one ``ValueError`` listing everything wrong with a captioner's config dataclass:
+    ``positive`` fields that are not positive integers, ``optional`` ones that are neither that nor
+    None, ``rates`` outside [0, 1), the caller's own ``problems``, special token ids (``pad_id``,
+    ``bos_id``, ``eos_id``) that ``vocab_size`` does not cover."""
+    found = []
+    for name in positive:
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
+            found.append(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    for name in optional:
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            found.append(f"{name} must be a positive integer or None, got {value!r}")
+    for name in rates:
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            found.append(f"{name} must be in [0, 1), got {getattr(cfg, name)!r}")
+    found += problems
+    if max(cfg.pad_id, cfg.bos_id, cfg.eos_id) >= cfg.vocab_size:
+        found.append(
+            f"vocab_size {cfg.vocab_size} does not cover the special ids (pad {cfg.pad_id}, "
+            f"bos {cfg.bos_id}, eos {cfg.eos_id}); pass vocab_size=len(tokenizer)"
+        )
+    if found:
+        raise ValueError(f"invalid {type(cfg).__name__}: " + "; ".join(found))
 
 
 def check_generation_args(max_len: int | None, beam_size: int, config: TokenConfig) -> int:
@@ -53,9 +100,9 @@ def greedy_search(
     state: Any,
     config: TokenConfig,
     *,
+    device: torch.device,
     batch_size: int,
     max_len: int,
-    device: torch.device,
 ) -> Tensor:
     """Most likely token at each step: token ids (B, L ≤ max_len) after ``<bos>``, ``<eos>``
     included, ``<pad>`` after it; stops early once every caption has ended."""
@@ -115,3 +162,135 @@ def beam_search(
             break
     # topk returns the hypotheses best first: beam 0 of each image is its best caption.
     return rearrange(seq, "(b k) t -> b k t", k=k)[:, 0, 1:]
+
+
+class Captioner(nn.Module):
+    """Base of the captioners: a ViT encoder named by the config, and what does not depend on the
+    decoder (generation's entry points and search, the encoder's checkpoint and weight decay).
+
+    A subclass sets ``config_class`` (a dataclass with :class:`TokenConfig`'s fields, ``encoder``
+    and ``encoder_kwargs``), calls ``super().__init__(config, **overrides)`` before building its
+    decoder (``self.config`` and ``self.encoder`` are set then), and supplies
+    ``_stepper(memory, use_cache) -> (step, state)``, the search's step function and initial state
+    for encoder memory, and ``_reorder(state, src)``, the state of the hypotheses ``src`` picks
+    (beam search; see :func:`beam_search`).
+    """
+
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__()
+        self.config = _caption_config(config or self.config_class(), overrides)
+        self.encoder = _caption_encoder(self.config)
+
+    @classmethod
+    def register_variants(cls, variants: dict[str, dict[str, Any]]) -> None:
+        """Register each ``name: config defaults`` as a :func:`create_model` variant; keyword
+        overrides apply as to the constructor."""
+        for name, defaults in variants.items():
+            register_config_variant(name, lambda d, o: cls(cls.config_class(**d), **o), defaults)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def load_encoder(self, source: str | os.PathLike[str] | dict[str, Tensor]) -> None:
+        """Initialise the encoder from a classification checkpoint: a path, a state dict or a
+        training checkpoint holding one under ``"model"``, ours or timm's.
+
+        :func:`vit.timm_interop.load_pretrained` does the loading (key names, position-embedding
+        resampling, the classifier head dropped); anything else that does not fit is a
+        ``ValueError`` naming the keys.
+        """
+        from vit.timm_interop import load_pretrained
+
+        load_pretrained(self.encoder, source)
+
+    def forward_memory(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) → encoder memory (B, prefix+N, D_enc)."""
+        return self.encoder.forward_features(images)
+
+    def _on_grid(self, weights: Tensor) -> Tensor:
+        """Word → patch weights (B, T, N) on the encoder's patch grid (B, T, gh, gw)."""
+        gh, gw = self.encoder.grid_size
+        return rearrange(weights, "b t (gh gw) -> b t gh gw", gh=gh, gw=gw)
+
+    @torch.no_grad()
+    def generate(
+        self, images: Tensor, max_len: MaxLen = None, beam_size: int = 1, *, use_cache: bool = True
+    ) -> Tensor:
+        """Caption images: token ids (B, L) after ``<bos>``, ``<eos>`` included, ``<pad>`` after it.
+
+        ``max_len``: the most tokens to generate (default: as many as the model's ``max_len``
+        allows, ``config.max_len - 1``). ``beam_size`` 1 is greedy decoding; larger runs beam search
+        ranking hypotheses by their summed log-probability (no length penalty). With ``use_cache``
+        each step feeds only the newest token and carries the decoding state (a Transformer's
+        key/value caches, an LSTM's (h, c)) to the next; without it every step re-runs the decoder
+        over the whole prefix (the reference for tests and the speed benchmark).
+        """
+        memory = self.forward_memory(images)
+        return self.generate_from_memory(memory, max_len, beam_size, use_cache=use_cache)
+
+    @torch.no_grad()
+    def generate_from_memory(
+        self, memory: Tensor, max_len: MaxLen = None, beam_size: int = 1, *, use_cache: bool = True
+    ) -> Tensor:
+        """:meth:`generate` for encoder memory (B, S, D_enc) computed by :meth:`forward_memory`."""
+        max_len = check_generation_args(max_len, beam_size, self.config)
+        if beam_size == 1:
+            return self._greedy(memory, max_len, use_cache)
+        return self._beam_search(memory, max_len, beam_size, use_cache)
+
+    def _stepper(self, memory: Tensor, use_cache: bool) -> tuple[StepFn, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _reorder(state: Any, src: Tensor) -> Any:
+        raise NotImplementedError
+
+    def _greedy(self, memory: Tensor, max_len: int, use_cache: bool) -> Tensor:
+        step, state = self._stepper(memory, use_cache)
+        b, dev = memory.shape[0], memory.device
+        return greedy_search(step, state, self.config, batch_size=b, max_len=max_len, device=dev)
+
+    def _beam_search(self, memory: Tensor, max_len: int, k: int, use_cache: bool) -> Tensor:
+        b = memory.shape[0]
+        memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, D): beam j of image i at i·K + j
+        step, state = self._stepper(memory, use_cache)
+        return beam_search(
+            step,
+            state,
+            self._reorder,
+            self.config,
+            batch_size=b,
+            beam_size=k,
+            max_len=max_len,
+            device=memory.device,
+        )
+
+
+def _caption_config(base: Any, overrides: dict[str, Any]) -> Any:
+    """A captioner's config: ``base`` (a dataclass with ``encoder_kwargs``: CaptionConfig,
+    LSTMCaptionConfig) with keyword ``overrides`` applied. Fields of ``base`` replace its own,
+    ViTConfig fields go to the encoder's keyword arguments; anything else is a TypeError naming
+    the closest options."""
+    check_options(overrides, type(base), ViTConfig, what="captioning model")
+    own = {f.name for f in dataclasses.fields(base)}
+    caption_overrides = {k: v for k, v in overrides.items() if k in own}
+    encoder_overrides = {k: v for k, v in overrides.items() if k not in own}
+    if "num_classes" in encoder_overrides:
+        raise ValueError("a captioner's encoder has no classifier head: drop num_classes")
+    encoder_kwargs = {
+        **base.encoder_kwargs,
+        **caption_overrides.pop("encoder_kwargs", {}),
+        **encoder_overrides,
+    }
+    return dataclasses.replace(base, **caption_overrides, encoder_kwargs=encoder_kwargs)
+
+
+def _caption_encoder(cfg: Any) -> VisionTransformer:
+    """The ViT named by a captioner's config (``encoder``, ``encoder_kwargs``), without a
+    classifier head."""
+    encoder = create_model(cfg.encoder, **{**cfg.encoder_kwargs, "num_classes": 0})
+    if not isinstance(encoder, VisionTransformer):
+        raise TypeError(f"encoder {cfg.encoder!r} is not a VisionTransformer variant")
+    return encoder

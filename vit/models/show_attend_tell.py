@@ -20,18 +20,15 @@ Transformer's.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from vit.layers import AdditiveAttention
-from vit.models._registry import register_config_variant
-from vit.models.captioning import _CAPTION_VARIANTS, _caption_config, _caption_encoder
-from vit.models.decoding import beam_search, check_generation_args, greedy_search
+from vit.additive_attention import AdditiveAttention
+from vit.models.captioning import _CAPTION_VARIANTS
+from vit.models.decoding import Captioner, StepFn, check_caption_config
 
 __all__ = ["CaptioningLSTM", "LSTMCaptionConfig", "doubly_stochastic_penalty"]
 
@@ -71,22 +68,15 @@ class LSTMCaptionConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("vocab_size", "max_len", "word_dim", "hidden_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.attn_dim is not None and (not isinstance(self.attn_dim, int) or self.attn_dim <= 0):
-            problems.append(f"attn_dim must be a positive integer or None, got {self.attn_dim!r}")
-        if not 0.0 <= self.decoder_drop_rate < 1.0:
-            problems.append(f"decoder_drop_rate must be in [0, 1), got {self.decoder_drop_rate!r}")
         if self.deep_output not in ("tanh", "linear"):
             problems.append(f"deep_output must be 'tanh' or 'linear', got {self.deep_output!r}")
-        if max(self.pad_id, self.bos_id, self.eos_id) >= self.vocab_size:
-            problems.append(
-                f"vocab_size {self.vocab_size} does not cover the special ids (pad {self.pad_id}, "
-                f"bos {self.bos_id}, eos {self.eos_id}); pass vocab_size=len(tokenizer)"
-            )
-        if problems:
-            raise ValueError("invalid LSTMCaptionConfig: " + "; ".join(problems))
+        check_caption_config(
+            self,
+            positive=("vocab_size", "max_len", "word_dim", "hidden_dim"),
+            optional=("attn_dim",),
+            rates=("decoder_drop_rate",),
+            problems=problems,
+        )
 
 
 class _Context(NamedTuple):
@@ -108,7 +98,7 @@ def _init_mlp(in_dim: int, out_dim: int, drop: float) -> nn.Sequential:
     )
 
 
-class CaptioningLSTM(nn.Module):
+class CaptioningLSTM(Captioner):
     """Image captioner: our ViT encoder → annotation vectors (the patch tokens) → an LSTM decoder
     with soft additive attention over them (Xu et al. 2015; see the module docstring) →
     vocabulary logits. Same public interface as :class:`vit.models.CaptioningTransformer`.
@@ -120,11 +110,11 @@ class CaptioningLSTM(nn.Module):
     already provides. It still shapes the patch tokens through the encoder's self-attention.
     """
 
+    config_class = LSTMCaptionConfig
+
     def __init__(self, config: LSTMCaptionConfig | None = None, **overrides: Any) -> None:
-        super().__init__()
-        cfg = _caption_config(config or LSTMCaptionConfig(), overrides)
-        self.config = cfg
-        self.encoder = _caption_encoder(cfg)
+        super().__init__(config, **overrides)
+        cfg = self.config
         self.num_prefix_tokens = self.encoder.num_prefix_tokens
         d, m, n = self.encoder.num_features, cfg.word_dim, cfg.hidden_dim
         self.token_embed = nn.Embedding(cfg.vocab_size, m)  # E
@@ -142,21 +132,7 @@ class CaptioningLSTM(nn.Module):
         # Small word vectors (as the authors' code): E y enters the deep output's tanh unscaled.
         nn.init.trunc_normal_(self.token_embed.weight, std=0.02)
 
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def load_encoder(self, source: str | os.PathLike[str] | dict[str, Tensor]) -> None:
-        """Initialise the encoder from a classification checkpoint (a path, a state dict or a
-        training checkpoint), as :meth:`vit.models.CaptioningTransformer.load_encoder` does."""
-        from vit.timm_interop import load_pretrained
-
-        load_pretrained(self.encoder, source)
-
-    # -- stages ---------------------------------------------------------------------------------
-    def forward_memory(self, images: Tensor) -> Tensor:
-        """Images (B, C, H, W) → encoder memory (B, prefix+N, D_enc)."""
-        return self.encoder.forward_features(images)
-
+    # -- stages (forward_memory: Captioner's) ---------------------------------------------------
     def _context(self, memory: Tensor) -> _Context:
         annotations = memory[:, self.num_prefix_tokens :]  # (B, N, D)
         return _Context(annotations, self.attention.project_keys(annotations))
@@ -183,8 +159,8 @@ class CaptioningLSTM(nn.Module):
         tokens: Tensor,
         memory: Tensor,
         *,
-        padding_mask: Tensor | None = None,
         return_attention: bool = False,
+        padding_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher forcing: tokens (B, T), ``<bos>`` first, and encoder memory → next-token logits
         (B, T, V); with ``return_attention`` also α (B, T, N), row t over the patches read to
@@ -245,48 +221,13 @@ class CaptioningLSTM(nn.Module):
         :meth:`vit.models.CaptioningTransformer.word_attention`. Row t is where the model looks
         to predict token t+1; each row sums to one (the annotations are the patches only)."""
         _, alphas = self(images, tokens, return_attention=True)  # (B, T, N)
-        gh, gw = self.encoder.grid_size
-        return rearrange(alphas, "b t (gh gw) -> b t gh gw", gh=gh, gw=gw)
+        return self._on_grid(alphas)
 
-    # -- generation -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        images: Tensor,
-        max_len: int | None = None,
-        beam_size: int = 1,
-        *,
-        use_cache: bool = True,
-    ) -> Tensor:
-        """Caption images: token ids (B, L) after ``<bos>``, ``<eos>`` included, ``<pad>`` after it.
-
-        ``max_len``: the most tokens to generate (default ``config.max_len - 1``). ``beam_size`` 1
-        is greedy decoding; larger runs beam search ranking hypotheses by their summed
-        log-probability (no length penalty). With ``use_cache`` the recurrent state (h, c) carries
-        each step to the next; without it every step re-runs the decoder over the whole prefix
-        (the reference for tests).
-        """
-        return self.generate_from_memory(
-            self.forward_memory(images), max_len, beam_size, use_cache=use_cache
-        )
-
-    @torch.no_grad()
-    def generate_from_memory(
-        self,
-        memory: Tensor,
-        max_len: int | None = None,
-        beam_size: int = 1,
-        *,
-        use_cache: bool = True,
-    ) -> Tensor:
-        """:meth:`generate` for encoder memory (B, S, D_enc) computed by :meth:`forward_memory`."""
-        max_len = check_generation_args(max_len, beam_size, self.config)
-        if beam_size == 1:
-            return self._greedy(memory, max_len, use_cache)
-        return self._beam_search(memory, max_len, beam_size, use_cache)
-
-    def _stepper(self, memory: Tensor, use_cache: bool) -> tuple[Any, Any]:
-        """The search's step function and its initial state for ``memory``."""
+    # -- generation (generate, generate_from_memory: Captioner's) -------------------------------
+    def _stepper(self, memory: Tensor, use_cache: bool) -> tuple[StepFn, tuple | None]:
+        """The search's step function over ``memory`` and its state: the recurrent state (h, c)
+        and the attention context, carried from step to step, or None to re-run the decoder over
+        the whole prefix at every step."""
         if not use_cache:
 
             def step(seq: Tensor, state: None) -> tuple[Tensor, None]:
@@ -303,40 +244,14 @@ class CaptioningLSTM(nn.Module):
         ctx = self._context(memory)
         return cached_step, (*self._init_state(ctx), ctx)
 
-    def _greedy(self, memory: Tensor, max_len: int, use_cache: bool) -> Tensor:
-        step, state = self._stepper(memory, use_cache)
-        return greedy_search(
-            step,
-            state,
-            self.config,
-            batch_size=memory.shape[0],
-            max_len=max_len,
-            device=memory.device,
-        )
-
-    def _beam_search(self, memory: Tensor, max_len: int, k: int, use_cache: bool) -> Tensor:
-        b = memory.shape[0]
-        memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, D): beam j of image i at i·K + j
-        step, state = self._stepper(memory, use_cache)
-        return beam_search(
-            step,
-            state,
-            _reorder_state,
-            self.config,
-            batch_size=b,
-            beam_size=k,
-            max_len=max_len,
-            device=memory.device,
-        )
-
-
-def _reorder_state(state: tuple | None, src: Tensor) -> tuple | None:
-    """Beam search: (h, c) follow their hypotheses; the annotations are the same within an
-    image, so they stay."""
-    if state is None:
-        return None
-    h, c, ctx = state
-    return h[src], c[src], ctx
+    @staticmethod
+    def _reorder(state: tuple | None, src: Tensor) -> tuple | None:
+        """Beam search: (h, c) follow their hypotheses; the annotations are the same within an
+        image, so they stay."""
+        if state is None:
+            return None
+        h, c, ctx = state
+        return h[src], c[src], ctx
 
 
 def doubly_stochastic_penalty(
@@ -378,8 +293,4 @@ _LSTM_VARIANTS = {
         hidden_dim=192,
     ),
 }
-
-for _name, _defaults in _LSTM_VARIANTS.items():
-    register_config_variant(
-        _name, lambda d, o: CaptioningLSTM(LSTMCaptionConfig(**d), **o), _defaults
-    )
+CaptioningLSTM.register_variants(_LSTM_VARIANTS)
