@@ -32,7 +32,7 @@ ONNX_NAME = "model.onnx"
 CARD_NAME = "README.md"
 _EXPORT_FILES = {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, ONNX_NAME}
 # Config keys that say how a run was continued or where it ran, not what was trained.
-_NOT_IN_COMMAND = {"resume"}
+_NOT_IN_COMMAND = {"resume", "overwrite"}
 
 
 def export_checkpoint(
