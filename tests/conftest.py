@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+import torch
+
+# A training run of seconds on generated data (tests/test_train.py, test_rundir.py, ...).
+TINY = {
+    "data": "synthetic",
+    "synthetic_train": 128,
+    "synthetic_val": 32,
+    "img_size": 16,
+    "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+    "batch_size": 16,
+    "epochs": 1,
+    "rollout_every": 0,
+    "log_every": 2,
+    "device": "cpu",
+    "threads": 1,
+}
+
+
+def flags(values: dict[str, Any]) -> list[str]:
+    """Config keys and values as command-line options (``--no-x`` for a false boolean)."""
+    out = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            out.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+            continue
+        out += [f"--{k.replace('_', '-')}", json.dumps(v) if isinstance(v, dict) else str(v)]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``--threads`` calls torch.set_num_threads; keep that from leaking into other tests."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY as ENGINE_TINY
+from conftest import flags
 from PIL import Image
 
 from vit.checkpoint import load_checkpoint
@@ -16,33 +18,8 @@ from vit.config import make_config
 from vit.train import main
 from vit.trainer import Trainer
 
-TINY = {
-    "data": "synthetic",
-    "synthetic_train": 128,
-    "synthetic_val": 64,
-    "img_size": 16,
-    "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2},
-    "batch_size": 16,
-    "epochs": 1,
-    "rollout_every": 0,
-    "log_every": 2,
-    "device": "cpu",
-    "threads": 1,
-}
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def flags(values: dict) -> list[str]:
-    out = []
-    for k, v in values.items():
-        out += [f"--{k.replace('_', '-')}", json.dumps(v) if isinstance(v, dict) else str(v)]
-    return out
+# 64 validation images: more than one batch of the validation loader.
+TINY = {**ENGINE_TINY, "synthetic_val": 64}
 
 
 def _folder(root: Path, classes=("cat", "dog", "owl"), n: int = 8) -> Path:

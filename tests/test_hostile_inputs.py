@@ -28,13 +28,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def one_line_error(capsys, fragment: str) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err, err

@@ -12,42 +12,21 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
+from conftest import TINY
+from conftest import flags as engine_flags
 
 from vit.checkpoint import load_checkpoint
 from vit.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "data": "synthetic",
-    "synthetic_train": 128,
-    "synthetic_val": 32,
-    "img_size": 16,
-    "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2},
-    "batch_size": 32,
-    "epochs": 1,
-    "rollout_every": 0,
-    "log_every": 2,
-    "device": "cpu",
-    "threads": 1,
-}
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+# Four steps an epoch.
+RUN = {**TINY, "batch_size": 32}
 
 
 def flags(out: Path, **overrides) -> list[str]:
-    values = {**TINY, **overrides, "out_dir": str(out)}
-    args = []
-    for k, v in values.items():
-        args += [f"--{k.replace('_', '-')}", json.dumps(v) if isinstance(v, dict) else str(v)]
-    return args
+    return engine_flags({**RUN, **overrides, "out_dir": str(out)})
 
 
 def _files(out: Path) -> dict[str, bytes]:

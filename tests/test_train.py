@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY, flags
 
 from vit import evaluate
 from vit.checkpoint import CheckpointError, load_checkpoint
@@ -25,41 +26,9 @@ from vit.schedule import lr_at
 from vit.train import main
 from vit.trainer import Diverged, Trainer
 
-TINY = {
-    "data": "synthetic",
-    "synthetic_train": 128,
-    "synthetic_val": 32,
-    "img_size": 16,
-    "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2},
-    "batch_size": 16,
-    "epochs": 1,
-    "rollout_every": 0,
-    "log_every": 2,
-    "device": "cpu",
-    "threads": 1,
-}
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """``threads`` calls torch.set_num_threads; keep that from leaking into other tests."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(tmp_path: Path, **overrides: Any):
     return make_config({**TINY, "out_dir": str(tmp_path / "run"), **overrides})
-
-
-def flags(values: dict[str, Any]) -> list[str]:
-    out = []
-    for k, v in values.items():
-        if isinstance(v, bool):
-            out.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
-            continue
-        out += [f"--{k.replace('_', '-')}", json.dumps(v) if isinstance(v, dict) else str(v)]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class ClassificationTask(Task):
         self._rollout: Tensor | None = None
         self.last_confusion: Tensor | None = None  # of the last evaluate(), for TensorBoard
         self.paths: dict[str, list[Path]] = {}  # image files of each split, for image folders
+        self._preprocess: Preprocess | None = None  # from state["preprocess"], on first use
         self._mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             from timm.data import Mixup
@@ -181,12 +182,15 @@ class ClassificationTask(Task):
 
     @property
     def preprocess(self) -> Preprocess:
-        """How files become this model's input (set once the training set is known)."""
-        if "preprocess" not in self.state and "mean" in self.state:  # older checkpoints
-            self.state["preprocess"] = Preprocess(
-                self.cfg.img_size, tuple(self.state.pop("mean")), tuple(self.state.pop("std"))
-            ).to_dict()
-        return Preprocess.from_dict(self.state["preprocess"])
+        """How files become this model's input (set once the training set is known); built once,
+        not at every training step."""
+        if self._preprocess is None:
+            if "preprocess" not in self.state and "mean" in self.state:  # older checkpoints
+                self.state["preprocess"] = Preprocess(
+                    self.cfg.img_size, tuple(self.state.pop("mean")), tuple(self.state.pop("std"))
+                ).to_dict()
+            self._preprocess = Preprocess.from_dict(self.state["preprocess"])
+        return self._preprocess
 
     # -- model ----------------------------------------------------------------------------------
     def model_spec(self) -> dict[str, Any]:
