@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from benchmarks.machine import describe_cpu
-from vit.checkpoint import load_model
+from vit.engine.checkpoint import load_model
 from vit.evaluate import evaluate_checkpoint
 from vit.models import num_params
 
@@ -138,8 +138,8 @@ def generation_ms(checkpoint: Path, images: torch.Tensor) -> float:
 
 def validation_images(checkpoint: Path, n: int) -> torch.Tensor:
     """The first ``n`` held-out validation scenes, normalised as the run trained."""
-    from vit.captions import CaptionTask
-    from vit.config import make_config
+    from vit.engine.captioning import CaptionTask
+    from vit.engine.config import make_config
 
     ckpt = torch.load(checkpoint, weights_only=True)
     task = CaptionTask(make_config({**ckpt["config"], "resume": ""}), ckpt["task_state"])

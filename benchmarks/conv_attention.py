@@ -4,8 +4,8 @@ its tokenizer, beside the plain ViT of the CPU recipe.
 Rows: the recipe's model (``--config``'s ``model`` and ``model_args``: ViT with 4-pixel patches,
 width 128, depth 6, patch dropout 0.5), timm's ``VisionTransformer`` of the same shape (the one
 model timm has to compare with: timm has no CCT), then ``--models`` (default CCT-7/3x1) with no
-attention module and with each of :data:`vit.conv_attention.CONV_ATTENTION` after its tokenizer
-stage(s) (``conv_attention=NAME``). The ratio columns are against the recipe's ViT row.
+attention module and with each of :data:`vit.layers.conv_attention.CONV_ATTENTION` after its
+tokenizer stage(s) (``conv_attention=NAME``). The ratio columns are against the recipe's ViT row.
 
 Images/second for a training step (forward + backward + AdamW step, train mode: dropout, stochastic
 depth and patch dropout as configured) and for inference (eval mode, ``torch.inference_mode``),
@@ -35,8 +35,8 @@ from torch import nn
 
 from benchmarks.machine import describe_cpu
 from benchmarks.throughput import make_step, timm_twin
-from vit.config import load_config, make_config
-from vit.conv_attention import CONV_ATTENTION
+from vit.engine.config import load_config, make_config
+from vit.layers.conv_attention import CONV_ATTENTION
 from vit.models import create_model, list_models, num_params
 
 ATTENTIONS = ["none", *sorted(CONV_ATTENTION)]

@@ -33,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from benchmarks.machine import describe_cpu
-from vit.config import RunConfig, load_config, make_config
+from vit.engine.config import RunConfig, load_config, make_config
+from vit.engine.optim import build_optimizer
 from vit.models import create_model
-from vit.optim import build_optimizer
 
 # name: (optimizer, whether the ranks split Muon's Newton-Schulz iterations)
 DDP_VARIANTS = {

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vit.checkpoint import CheckpointError, load_model
-from vit.config import make_config
+from vit.engine.checkpoint import CheckpointError, load_model
+from vit.engine.config import make_config
+from vit.engine.tasks import get_task
 from vit.rollout import gradient_rollout, rollout_maps, rollout_to_maps
-from vit.tasks import get_task
 
 
 def inside(x: Tensor, y: Tensor, boxes: Tensor) -> Tensor:

@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from benchmarks.machine import describe_cpu
-from vit.config import RunConfig, build_parser, load_config, make_config
 from vit.data import DataError
+from vit.engine.config import RunConfig, build_parser, load_config, make_config
+from vit.engine.trainer import Diverged, Interrupted, Trainer
 from vit.errors import CheckpointError, ConfigError
-from vit.trainer import Diverged, Interrupted, Trainer
 
 # The timm reference; data, device, loader, logging and the budget come from the config
 # file (DATA_KEYS), everything else from here.

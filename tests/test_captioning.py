@@ -513,7 +513,7 @@ def test_caption_training_through_the_engine_resumes_exactly(tmp_path, sigterm_a
     import json
     import signal
 
-    from vit.captions import CaptionTask
+    from vit.engine.captioning import CaptionTask
     from vit.evaluate import main as evaluate_main
     from vit.train import main as train_main
 

@@ -11,17 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from vit.conv_attention import CBAM
-from vit.conv_stem import ConvTokenizer, SequencePool
+from vit.layers.conv_attention import CBAM
+from vit.layers.conv_stem import ConvTokenizer, SequencePool
 from vit.models import ViTConfig, create_model, list_models, num_params
 from vit.rollout import (
     attention_rollout,
     capture_attention,
-    log_rollout,
     rollout_maps,
     rollout_to_maps,
     tokenizer_attention_maps,
 )
+from vit.rollout.tensorboard import log_rollout
 
 # 16-px images through two tokenizer stages (16 → 8 → 4): a 4x4 grid of 16 tokens.
 TINY = dict(img_size=16, embed_dim=32, depth=2, num_heads=2, conv_channels=32)
@@ -278,7 +278,7 @@ def test_log_rollout_adds_the_tokenizer_panel() -> None:
 def test_short_training_run_and_rollout_cli(tmp_path) -> None:
     from PIL import Image
 
-    from vit.rollout import main as rollout_main
+    from vit.rollout.__main__ import main as rollout_main
     from vit.train import main
 
     out = tmp_path / "run"
@@ -304,7 +304,7 @@ def test_hybrid_cpu_recipe_is_the_plain_one_with_a_cct() -> None:
 
     import yaml
 
-    from vit.config import load_config, make_config
+    from vit.engine.config import load_config, make_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     plain = yaml.safe_load((configs / "cifar10_cpu_30min.yaml").read_text())

@@ -1,4 +1,4 @@
-"""Tests for vit.conv_attention and vit.conv_stem.
+"""Tests for vit.layers.conv_attention and vit.layers.conv_stem.
 
 Parity: SE, ECA, CBAM, SK, GC and the non-local block against timm's modules with copied weights
 (timm configured to the paper's form where it has the option; remaining differences are named in
@@ -17,7 +17,8 @@ import torch
 from timm.layers.cbam import CbamModule
 from torch import Tensor, nn
 
-from vit.conv_attention import (
+from vit.layers import EncoderBlock
+from vit.layers.conv_attention import (
     BAM,
     CBAM,
     CONV_ATTENTION,
@@ -32,8 +33,7 @@ from vit.conv_attention import (
     create_conv_attention,
     eca_kernel_size,
 )
-from vit.conv_stem import ConvTokenizer, SequencePool
-from vit.layers import EncoderBlock
+from vit.layers.conv_stem import ConvTokenizer, SequencePool
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 

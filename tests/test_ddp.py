@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vit.checkpoint import load_checkpoint
 from vit.data import DeviceLoader, ImageDataset, make_loader, synthetic
+from vit.engine.checkpoint import load_checkpoint
 from vit.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ from conftest import TINY as ENGINE_TINY
 from conftest import flags
 from PIL import Image
 
-from vit.checkpoint import load_checkpoint
-from vit.config import make_config
+from vit.engine.checkpoint import load_checkpoint
+from vit.engine.config import make_config
+from vit.engine.trainer import Trainer
 from vit.train import main
-from vit.trainer import Trainer
 
 # 64 validation images: more than one batch of the validation loader.
 TINY = {**ENGINE_TINY, "synthetic_val": 64}

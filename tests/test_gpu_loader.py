@@ -17,8 +17,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from vit.checkpoint import load_checkpoint
-from vit.config import ConfigError, make_config
 from vit.data import (
     RANDAUGMENT_OPS,
     AugmentPolicy,
@@ -33,8 +31,10 @@ from vit.data import (
     sample_seed,
     uniform_ints,
 )
+from vit.engine.checkpoint import load_checkpoint
+from vit.engine.config import ConfigError, make_config
+from vit.engine.trainer import Trainer
 from vit.train import main
-from vit.trainer import Trainer
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -491,7 +491,7 @@ def test_engine_with_device_loader_and_mixup_resumes_exactly(
 ) -> None:
     """Device loader with crop/flip/RandAugment/cutout, mixup/cutmix on top; SIGTERM mid-epoch,
     then resume."""
-    from vit.classification import ClassificationTask
+    from vit.engine.classification import ClassificationTask
 
     recipe = {**TINY, "loader": "device", "mixup": 0.8, "cutmix": 1.0, "hflip": True}
     recipe["randaugment_ops"] = 2

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vit.config import RunConfig, make_config
+from vit.engine.config import RunConfig, make_config
 from vit.errors import ConfigError, DataError
 from vit.preprocess import MAX_IMAGE_PIXELS, Preprocess, decode_image
 from vit.train import main as train_main
@@ -111,7 +111,7 @@ def test_constant_channel_images_train_without_nan(tmp_path: Path, capsys) -> No
 
 
 def test_divergence_before_any_checkpoint_claims_none(tmp_path: Path, capsys, monkeypatch) -> None:
-    from vit.classification import ClassificationTask
+    from vit.engine.classification import ClassificationTask
 
     monkeypatch.setattr(ClassificationTask, "loss", lambda self, m, b, s: m(b[0]).sum() * np.nan)
     argv = ["--data", "synthetic", "--synthetic-train", "32", "--synthetic-val", "8", *TINY]
@@ -131,7 +131,7 @@ def test_oversized_images_are_refused_from_their_header(tmp_path: Path, size) ->
 
 def test_a_bomb_in_training_rollout_and_caption_is_one_line(tmp_path: Path, capsys) -> None:
     from vit.caption import main as caption_main
-    from vit.rollout import main as rollout_main
+    from vit.rollout.__main__ import main as rollout_main
 
     data = _folder(tmp_path / "data" / "train")
     _bomb(data / "a" / "bomb.png", 100_000, 100_000)
@@ -151,7 +151,7 @@ def test_a_bomb_in_training_rollout_and_caption_is_one_line(tmp_path: Path, caps
 
 
 def test_rollout_overlays_are_drawn_at_a_bounded_size(tmp_path: Path, capsys) -> None:
-    from vit.rollout import main as rollout_main
+    from vit.rollout.__main__ import main as rollout_main
 
     _folder(tmp_path / "data" / "train")
     args = ["--data", "imagefolder", "--data-dir", str(tmp_path / "data"), *TINY]
@@ -166,7 +166,7 @@ def test_rollout_overlays_are_drawn_at_a_bounded_size(tmp_path: Path, capsys) ->
 
 
 def test_file_names_that_are_not_utf8(tmp_path: Path, capsys) -> None:
-    from vit.rollout import main as rollout_main
+    from vit.rollout.__main__ import main as rollout_main
 
     data = _folder(tmp_path / "data" / "train")
     latin1 = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name from an old archive
@@ -331,7 +331,7 @@ def test_config_files_and_output_paths(tmp_path: Path, capsys, monkeypatch) -> N
 
 
 def test_rollout_usage_and_output_paths_are_one_line(tmp_path: Path, capsys) -> None:
-    from vit.rollout import main as rollout_main
+    from vit.rollout.__main__ import main as rollout_main
 
     assert rollout_main(["--checkpoint", "x.pt"]) == 2
     one_line_error(capsys, "the following arguments are required: --images")
@@ -434,7 +434,7 @@ def test_encoder_checkpoint_files_get_the_same_answers(tmp_path: Path, capsys, k
 
 def test_load_pretrained_strips_wrappers_in_any_order() -> None:
     from vit.models import create_model
-    from vit.timm_interop import load_pretrained
+    from vit.models import load_pretrained
 
     source = create_model("vit_tiny_patch4_32", embed_dim=32, depth=1, num_heads=2)
     target = create_model("vit_tiny_patch4_32", embed_dim=32, depth=1, num_heads=2)

@@ -11,6 +11,7 @@ from einops import rearrange
 
 from vit.layers import (
     Attention,
+    CrossAttention,
     DecoderBlock,
     DropPath,
     EncoderBlock,
@@ -37,10 +38,23 @@ def _grads(outputs: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tens
     return list(torch.autograd.grad(outputs, inputs, cotangent))
 
 
-def _both_paths(attn: Attention, x: torch.Tensor, context: torch.Tensor | None, **kw):
+def _with_weights(attn: torch.nn.Module, *args, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The explicit path: the output and the softmax weights it records."""
+    recorded: list[torch.Tensor] = []
+    attn.recorder = recorded.append
+    try:
+        out = attn(*args, **kw)
+    finally:
+        attn.recorder = None
+    (weights,) = recorded
+    return out, weights
+
+
+def _both_paths(attn: torch.nn.Module, x: torch.Tensor, context: torch.Tensor | None, **kw):
     inputs = [x, *([context] if context is not None else []), *attn.parameters()]
-    fused = attn(x, context, **kw)
-    explicit, weights = attn(x, context, need_weights=True, **kw)
+    args = (x,) if context is None else (x, context)
+    fused = attn(*args, **kw)
+    explicit, weights = _with_weights(attn, *args, **kw)
     return fused, explicit, weights, _grads(fused, inputs), _grads(explicit, inputs)
 
 
@@ -85,7 +99,7 @@ def test_fused_equals_explicit_self_attention(mask_kind: str) -> None:
 
 @pytest.mark.parametrize("padding", [False, True])
 def test_fused_equals_explicit_cross_attention(padding: bool) -> None:
-    attn = Attention(D, num_heads=H, cross=True, context_dim=12)
+    attn = CrossAttention(D, num_heads=H, context_dim=12)
     x = torch.randn(B, L, D, requires_grad=True)
     memory = torch.randn(B, S, 12, requires_grad=True)
     kw = {"key_padding_mask": torch.arange(S).expand(B, S) >= torch.tensor([[S], [3]])}
@@ -142,10 +156,10 @@ def test_num_queries_gives_the_first_rows(mask_kind: str) -> None:
     attn = Attention(D, num_heads=H).eval()
     x = torch.randn(B, L, D)
     kw = SELF_MASKS[mask_kind]
-    full, full_weights = attn(x, need_weights=True, **kw)
+    full, full_weights = _with_weights(attn, x, **kw)
     rows = {k: v[:2] if k == "attn_mask" else v for k, v in kw.items()}  # 2 query rows
     fused = attn(x, num_queries=2, **rows)
-    explicit, weights = attn(x, num_queries=2, need_weights=True, **rows)
+    explicit, weights = _with_weights(attn, x, num_queries=2, **rows)
     torch.testing.assert_close(fused, full[:, :2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(explicit, full[:, :2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, full_weights[:, :, :2])
@@ -169,11 +183,14 @@ def test_causal_attention_ignores_the_future(need_weights: bool) -> None:
     t = 3
     x2 = x.clone()
     x2[:, t] += 5.0  # perturb a later token
-    out1 = attn(x, is_causal=True, need_weights=need_weights)
-    out2 = attn(x2, is_causal=True, need_weights=need_weights)
     if need_weights:
-        (out1, w), (out2, _) = out1, out2
+        (out1, w), (out2, _) = (
+            _with_weights(attn, x, is_causal=True),
+            _with_weights(attn, x2, is_causal=True),
+        )
         assert w.triu(diagonal=1).abs().max() == 0
+    else:
+        out1, out2 = attn(x, is_causal=True), attn(x2, is_causal=True)
     torch.testing.assert_close(out1[:, :t], out2[:, :t], atol=0, rtol=0)
     assert not torch.allclose(out1[:, t:], out2[:, t:])
 
@@ -300,5 +317,5 @@ def test_layer_errors() -> None:
     attn = Attention(D, num_heads=H)
     with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
         attn(torch.randn(B, L, D), key_padding_mask=torch.zeros(B, L))
-    with pytest.raises(ValueError, match="context"):
-        Attention(D, num_heads=H, cross=True)(torch.randn(B, L, D))
+    with pytest.raises(TypeError, match="context"):
+        CrossAttention(D, num_heads=H)(torch.randn(B, L, D))

@@ -227,27 +227,12 @@ def test_bad_configurations_are_refused() -> None:
         VisionTransformer(ViTConfig(), embed_size=3)
 
 
-def test_import_stays_light() -> None:
-    code = (
-        "import sys, vit.models, timm; "
-        "heavy = [m for m in sys.modules if m.split('.')[0] in "
-        "('tensorboard', 'albumentations', 'vit.train')]; "
-        "assert 'vitpkg_vit_tiny_patch4_32' in timm.list_models('vitpkg_*'); "
-        "print(heavy)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
-    )
-    assert result.stdout.strip() == "[]", result.stdout + result.stderr
-    assert "vit.train" not in result.stdout
-
-
 def test_captions_import_without_the_engine() -> None:
     """The tokenizer, datasets and BLEU/CIDEr-D load without the training engine."""
     code = (
         "import sys, vit.captions, vit.captions.metrics, vit.captions.tokenizer; "
-        "print(sorted(m for m in sys.modules if m in ('vit.trainer', 'vit.train', 'vit.tasks', "
-        "'vit.config', 'vit.captions.task') or m.startswith('tensorboard')))"
+        "print(sorted(m for m in sys.modules if m.startswith(('vit.engine', 'vit.train', "
+        "'tensorboard'))))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120

@@ -1,4 +1,4 @@
-"""vit.optim.Muon: its AdamW part is torch's AdamW, its Muon part is timm's Muon computed in
+"""vit.engine.optim.Muon: its AdamW part is torch's AdamW, its Muon part is timm's Muon computed in
 float32, the engine's routing is tested in test_train.py."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import timm.optim
 import torch
 
-from vit.config import make_config
-from vit.optim import Muon, split_by_cost
+from vit.engine.config import make_config
+from vit.engine.optim import Muon, split_by_cost
 
 
 def _train(make, steps: int = 4) -> list[torch.Tensor]:
@@ -72,7 +72,7 @@ def test_ranks_split_the_iterations_evenly() -> None:
 
 @pytest.mark.parametrize("bad", ["sgd", "Muon"])
 def test_unknown_optimizer_is_a_config_error(bad: str) -> None:
-    from vit.config import ConfigError
+    from vit.engine.config import ConfigError
 
     with pytest.raises(ConfigError, match="optimizer must be one of"):
         make_config({"optimizer": bad})

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vit.checkpoint import (
+from vit.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_preprocess,
     load_checkpoint,
@@ -122,7 +122,7 @@ def test_model_card_says_what_and_how(run) -> None:
     command = next(line for line in card.splitlines() if line.startswith("python train.py"))
     assert command == train_command(ckpt["config"])
     # The card's command sets exactly the run's configuration.
-    from vit.config import parse_args
+    from vit.engine.config import parse_args
 
     rebuilt = parse_args(shlex.split(command)[2:])
     assert {**vars(rebuilt), "resume": ""} == {**ckpt["config"], "resume": ""}

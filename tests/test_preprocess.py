@@ -11,7 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vit.checkpoint import CHECKPOINT_FORMAT, checkpoint_preprocess, load_model, save_checkpoint
+from vit.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_preprocess,
+    load_model,
+    save_checkpoint,
+)
 from vit.preprocess import Preprocess, decode_image
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220)}
@@ -49,7 +54,7 @@ def banner_run(tmp_path_factory):
 
 def test_rollout_cli_predicts_what_evaluate_scores(banner_run, tmp_path, capsys) -> None:
     from vit.evaluate import evaluate_checkpoint
-    from vit.rollout import main as rollout_main
+    from vit.rollout.__main__ import main as rollout_main
 
     root, ckpt = banner_run
     assert evaluate_checkpoint(str(ckpt), split="val", device="cpu")["top1"] == 1.0
@@ -63,8 +68,8 @@ def test_rollout_cli_predicts_what_evaluate_scores(banner_run, tmp_path, capsys)
 
 def test_inference_pixels_equal_the_training_pixels(banner_run) -> None:
     """The checkpoint's Preprocess turns each file into exactly the pixels training used."""
-    from vit.classification import ClassificationTask
-    from vit.config import make_config
+    from vit.engine.classification import ClassificationTask
+    from vit.engine.config import make_config
 
     root, ckpt_path = banner_run
     model, ckpt = load_model(ckpt_path)

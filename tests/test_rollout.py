@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-import vit.layers
+import vit.layers.attention
 from vit.models import create_model
 from vit.rollout import (
     attention_rollout,
     capture_attention,
     colorize,
     gradient_rollout,
-    log_rollout,
     rollout_maps,
     rollout_to_maps,
 )
+from vit.rollout.tensorboard import log_rollout
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2, img_size=16)  # 4x4 patch grid, 17 tokens
 
@@ -133,7 +133,7 @@ def planted(monkeypatch, patch: int) -> None:
         weights[..., token] = 1.0
         return weights @ v, weights
 
-    monkeypatch.setattr(vit.layers, "scaled_dot_product_attention", fake)
+    monkeypatch.setattr(vit.layers.attention, "scaled_dot_product_attention", fake)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_capture_off_is_untouched_and_on_gives_the_same_outputs(monkeypatch):
         calls.append(1)
         return explicit(*args, **kwargs)
 
-    monkeypatch.setattr(vit.layers, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(vit.layers.attention, "scaled_dot_product_attention", spy)
     with torch.no_grad():
         before = model(images)
         assert calls == []  # fused path: no weights computed
@@ -342,7 +342,7 @@ def _png(path, w, h):
 def test_cli_writes_overlays_and_event_file(run_dir, tmp_path, capsys):
     from PIL import Image
 
-    from vit.rollout import main
+    from vit.rollout.__main__ import main
 
     a, b = _png(tmp_path / "a.png", 16, 16), _png(tmp_path / "b.jpg", 40, 24)
     out, tb = tmp_path / "maps", tmp_path / "tb"
@@ -361,7 +361,7 @@ def test_cli_writes_overlays_and_event_file(run_dir, tmp_path, capsys):
     "case", ["not_an_image", "no_model", "not_a_checkpoint", "bad_ratio", "cuda_without_gpu"]
 )
 def test_cli_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, case):
-    from vit.rollout import main
+    from vit.rollout.__main__ import main
 
     if case == "cuda_without_gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is present")

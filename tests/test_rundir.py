@@ -17,7 +17,7 @@ import yaml
 from conftest import TINY
 from conftest import flags as engine_flags
 
-from vit.checkpoint import load_checkpoint
+from vit.engine.checkpoint import load_checkpoint
 from vit.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_extending_a_finished_run_trains_the_extra_epochs(tmp_path: Path, capsys
 
 
 def test_an_extended_run_resumes_exactly(tmp_path: Path, sigterm_at_step, capsys) -> None:
-    from vit.classification import ClassificationTask
+    from vit.engine.classification import ClassificationTask
 
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
@@ -174,7 +174,7 @@ def test_leftovers_of_a_run_without_checkpoint_are_refused_then_overwritten(
 def test_a_torn_last_metrics_line_is_dropped_on_resume(
     tmp_path: Path, sigterm_at_step, capsys
 ) -> None:
-    from vit.classification import ClassificationTask
+    from vit.engine.classification import ClassificationTask
 
     out = tmp_path / "run"
     disarm = sigterm_at_step(ClassificationTask, 6)

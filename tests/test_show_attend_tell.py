@@ -398,8 +398,8 @@ def _lstm_flags(out_dir, **over) -> list[str]:
 
 
 def _task(vocab: list[str], **task_args):
-    from vit.captions import CaptionTask
-    from vit.config import make_config
+    from vit.engine.captioning import CaptionTask
+    from vit.engine.config import make_config
 
     values = {"task": "caption", "data": "shapes", "label_smoothing": 0.0, "task_args": task_args}
     cfg = make_config(values)

@@ -111,26 +111,29 @@ def test_from_timm_keeps_training_options() -> None:
 @pytest.mark.parametrize("global_pool", ["token", "avg"])
 def test_patch_dropout_draws_the_tokens_timm_draws(global_pool: str) -> None:
     # In training, under the same seed, our patch dropout keeps the same tokens as timm's: same
-    # logits and the same gradients. In evaluation both see every token.
+    # logits and the same gradients. In evaluation both see every token. In float64: the float32
+    # gradients (up to ~50 here) differ by a few ulps between kernels, and by how much depends on
+    # the tensors' memory alignment, i.e. on what ran before (AVX2 reductions); a different token
+    # draw would differ by orders of magnitude more.
     theirs = _randomise(
         TimmViT(img_size=16, patch_size=4, patch_drop_rate=0.5, global_pool=global_pool, **SMALL)
-    )
+    ).double()
     ours = from_timm(theirs)
     assert ours.config.patch_drop_rate == 0.5
-    x = torch.randn(3, 3, 16, 16)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
     for training in (True, False):
         theirs.train(training), ours.train(training)
         torch.manual_seed(1)
         expected = theirs(x)
         torch.manual_seed(1)
         got = ours(x)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
     theirs.train(), ours.train()
     torch.manual_seed(2)
     g_theirs = torch.autograd.grad(theirs(x).square().sum(), theirs.patch_embed.proj.weight)
     torch.manual_seed(2)
     g_ours = torch.autograd.grad(ours(x).square().sum(), ours.patch_embed.proj.weight)
-    torch.testing.assert_close(g_ours, g_theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize(
@@ -219,7 +222,7 @@ def test_load_pretrained_224_to_32(caplog: pytest.LogCaptureFixture) -> None:
     state = _imagenet_state()
     model = create_model("vit_tiny_patch4_32", num_classes=10, **SMALL)
     head_before = model.head.weight.clone()
-    with caplog.at_level(logging.WARNING, logger="vit.timm_interop"):
+    with caplog.at_level(logging.WARNING, logger="vit.models._builder"):
         report = load_pretrained(model, state)
     assert model.pos_embed.shape == (1, 1 + 8 * 8, 32)
     # Independent check of the grid layout: row-major 14x14 tokens, bicubic, antialiased.

@@ -19,12 +19,12 @@ import torch
 from conftest import TINY, flags
 
 from vit import evaluate
-from vit.checkpoint import CheckpointError, load_checkpoint
-from vit.config import ConfigError, make_config, parse_args, resolve_device
-from vit.optim import Muon
-from vit.schedule import lr_at
+from vit.engine.checkpoint import CheckpointError, load_checkpoint
+from vit.engine.config import ConfigError, make_config, parse_args, resolve_device
+from vit.engine.optim import Muon
+from vit.engine.schedule import lr_at
+from vit.engine.trainer import Diverged, Trainer
 from vit.train import main
-from vit.trainer import Diverged, Trainer
 
 
 def tiny(tmp_path: Path, **overrides: Any):
@@ -210,7 +210,7 @@ def test_channels_last_gives_the_same_logits(tmp_path: Path) -> None:
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    from vit.classification import ClassificationTask
+    from vit.engine.classification import ClassificationTask
 
     real = ClassificationTask.loss
 
@@ -241,7 +241,7 @@ def test_sigterm_saves_and_resume_is_exact(
 ) -> None:
     """Mixup/cutmix, randaugment, drop path, patch dropout and EMA all on: every source of
     randomness; with either optimizer's state."""
-    from vit.classification import ClassificationTask
+    from vit.engine.classification import ClassificationTask
 
     recipe = {
         **TINY,
@@ -434,7 +434,9 @@ def test_rollout_hook_contract(tmp_path: Path, monkeypatch) -> None:
     def log_rollout(writer, model, images, display, step, **kw):
         calls.append((writer, model, images, display, step, kw))
 
-    monkeypatch.setitem(sys.modules, "vit.rollout", types.SimpleNamespace(log_rollout=log_rollout))
+    monkeypatch.setitem(
+        sys.modules, "vit.rollout.tensorboard", types.SimpleNamespace(log_rollout=log_rollout)
+    )
     t = Trainer(
         tiny(
             tmp_path,
@@ -470,8 +472,8 @@ def _png_folder(root: Path, n: int, classes=("a", "b")) -> None:
 
 
 def test_imagefolder_validation_split_rules(tmp_path: Path) -> None:
-    from vit.classification import ClassificationTask
     from vit.data import DataError
+    from vit.engine.classification import ClassificationTask
 
     root = tmp_path / "imgs"
     _png_folder(root / "train", 10)
@@ -501,7 +503,7 @@ def test_imagefolder_validation_split_rules(tmp_path: Path) -> None:
 
 def test_compiled_state_dict_names_load(tmp_path: Path) -> None:
     """Checkpoints hold plain names; ones saved from a compiled module (``_orig_mod.``) load too."""
-    from vit.checkpoint import load_model, save_checkpoint
+    from vit.engine.checkpoint import load_model, save_checkpoint
 
     cfg = tiny(tmp_path)
     Trainer(cfg).fit()

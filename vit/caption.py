@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from vit.checkpoint import checkpoint_preprocess, load_model
-from vit.config import resolve_device
+from vit.engine.checkpoint import checkpoint_preprocess, load_model
+from vit.engine.config import resolve_device
 from vit.errors import CliParser, ConfigError, DataError, UsageError, run_command
 from vit.preprocess import display_path
 

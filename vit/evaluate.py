@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 import torch
 
-from vit.checkpoint import load_model
-from vit.config import make_config, resolve_device
+from vit.engine.checkpoint import load_model
+from vit.engine.config import make_config, resolve_device
+from vit.engine.tasks import get_task
 from vit.errors import CliParser, ConfigError, run_command
 from vit.preprocess import display_path
-from vit.tasks import get_task
 
 __all__ = ["evaluate_checkpoint", "main"]
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vit.checkpoint import checkpoint_preprocess, load_model
+from vit.engine.checkpoint import checkpoint_preprocess, load_model
 from vit.errors import CliParser, ConfigError, UsageError, run_command
 from vit.models import num_params, save_pretrained
 from vit.models.pretrained import CONFIG_NAME, EXPORT_FORMAT, WEIGHTS_NAME
@@ -76,7 +76,7 @@ def export_checkpoint(
 
 def export_config(ckpt: dict[str, Any], preprocess: Preprocess, *, used_ema: bool) -> dict:
     """The entries of ``config.json`` for a training checkpoint."""
-    from vit.tasks import get_task
+    from vit.engine.tasks import get_task
 
     spec, state, task = ckpt["model_spec"], ckpt["task_state"], ckpt["task"]
     metrics = ckpt.get("metrics") or {}
@@ -111,10 +111,10 @@ def export_config(ckpt: dict[str, Any], preprocess: Preprocess, *, used_ema: boo
 
 def train_command(run_config: dict[str, Any]) -> str:
     """The ``python train.py ...`` line that sets a run's configuration: every key whose value
-    differs from :class:`~vit.config.RunConfig`'s default, as its ``--option``."""
+    differs from :class:`~vit.engine.config.RunConfig`'s default, as its ``--option``."""
     import yaml
 
-    from vit.config import RunConfig
+    from vit.engine.config import RunConfig
 
     defaults = dataclasses.asdict(RunConfig())
     parts = ["python train.py"]

@@ -39,7 +39,7 @@ def load_classifier(
     Raises:
         CheckpointError: missing or unusable; a captioner; ``weights`` the export does not hold.
     """
-    from vit.checkpoint import checkpoint_preprocess, load_model
+    from vit.engine.checkpoint import checkpoint_preprocess, load_model
     from vit.models.pretrained import read_export
 
     path = Path(model_path)
@@ -116,7 +116,7 @@ def predict(
         UsageError: a bad checkpoint, path or option: raised by this call, before any image is
             read (the rows are computed as they are iterated).
     """
-    from vit.config import resolve_device
+    from vit.engine.config import resolve_device
 
     if topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {topk}")

@@ -10,11 +10,11 @@ import json
 import os
 import sys
 
-from vit.checkpoint import CheckpointSaveError
-from vit.config import parse_args
-from vit.distributed import leave_process_group
+from vit.engine.checkpoint import CheckpointSaveError
+from vit.engine.config import parse_args
+from vit.engine.distributed import leave_process_group
+from vit.engine.trainer import Diverged, Interrupted, train
 from vit.errors import UsageError
-from vit.trainer import Diverged, Interrupted, train
 
 __all__ = ["main"]
 

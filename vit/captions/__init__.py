@@ -11,16 +11,14 @@ Datasets (``load_caption_data(name, ...)``):
 * ``coco`` — ``DIR/{train,val}2017`` and ``DIR/annotations/captions_{train,val}2017.json`` through
   ``torchvision.datasets.CocoCaptions`` (needs ``pycocotools``).
 
-``import vit.captions`` does not import the training engine: the caption task
-(:class:`~vit.captions.task.CaptionTask`, ``attention_strip``, ``cross_attention_maps``) lives in
-:mod:`vit.captions.task` and is imported from there on first use.
+Where a trained captioner looks: :func:`cross_attention_maps` and :func:`attention_strip`
+(:mod:`vit.captions.attention`). The caption task of the training engine is
+:class:`vit.engine.captioning.CaptionTask`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from vit.captions.attention import attention_strip, cross_attention_maps
 from vit.captions.datasets import (
     CAPTION_DATASETS,
     CaptionData,
@@ -55,12 +53,3 @@ __all__ = [
     "normalize",
     "read_flickr8k_captions",
 ]
-
-_TASK_NAMES = {"CAPTION_TASK_ARGS", "CaptionTask", "attention_strip", "cross_attention_maps"}
-
-
-def __getattr__(name: str) -> Any:
-    # The task module (and through it the engine's Task interface) loads on first use only.
-    if name in _TASK_NAMES:
-        return getattr(importlib.import_module("vit.captions.task"), name)
-    raise AttributeError(f"module 'vit.captions' has no attribute {name!r}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,9 +18,6 @@ from vit.errors import ConfigError
 # albumentations otherwise asks PyPI for a newer version on import (a network call and a warning).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
-
-if TYPE_CHECKING:
-    from vit.config import RunConfig
 
 __all__ = ["RANDAUGMENT_OPS", "AugmentPolicy", "build_transform", "reseed", "sample_seed"]
 
@@ -101,16 +97,6 @@ class AugmentPolicy:
     randaugment_magnitude: float = 9.0
     cutout: int = 0
 
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> AugmentPolicy:
-        return cls(
-            crop_padding=cfg.crop_padding,
-            hflip=cfg.hflip,
-            randaugment_ops=cfg.randaugment_ops,
-            randaugment_magnitude=cfg.randaugment_magnitude,
-            cutout=cfg.cutout,
-        )
-
     @property
     def enabled(self) -> bool:
         return self.crop_padding > 0 or self.hflip or self.randaugment_ops > 0 or self.cutout > 0
@@ -132,8 +118,12 @@ class AugmentPolicy:
             )
         if not 0 <= self.randaugment_ops <= len(RANDAUGMENT_OPS):
             raise ConfigError(
-                f"randaugment_ops must be in [0, {len(RANDAUGMENT_OPS)}], got "
-                f"{self.randaugment_ops}"
+                f"randaugment_ops is at most {len(RANDAUGMENT_OPS)} (the policy's operations), "
+                f"got {self.randaugment_ops}"
+            )
+        if not 0 <= self.randaugment_magnitude <= 10:
+            raise ConfigError(
+                f"randaugment_magnitude is on a 0-10 scale, got {self.randaugment_magnitude}"
             )
 
 

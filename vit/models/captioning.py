@@ -197,11 +197,14 @@ class CaptioningTransformer(Captioner):
 
 
 # Caption variants: encoder = the named ViT variant; decoder = the encoder's width and heads.
+#   caption_transformer     CaptionConfig's defaults: any ViT variant as `encoder` (ViT-Ti by
+#                           default) + 4 decoder blocks; what `--task caption --model vit_*` trains
 #   caption_tiny_patch4_32  ViT-Ti encoder (DeiT, Touvron et al. 2021, Tab. 1) + 4 decoder blocks
 #   caption_mini_patch8_32  ours: a 96-wide, 3-deep, 4-head encoder on 8-pixel patches (4x4 = 16
 #                           tokens) + 2 decoder blocks, sized to learn the `shapes` captions in
 #                           minutes on a laptop CPU (configs/caption_shapes.yaml)
 _CAPTION_VARIANTS = {
+    "caption_transformer": dict(),
     "caption_tiny_patch4_32": dict(encoder="vit_tiny_patch4_32", decoder_depth=4),
     "caption_mini_patch8_32": dict(
         encoder="vit_tiny_patch4_32",

@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from vit.models._builder import load_pretrained
 from vit.models._registry import check_options, create_model, register_config_variant
 from vit.models.vision_transformer import VisionTransformer, ViTConfig
 
@@ -197,12 +198,10 @@ class Captioner(nn.Module):
         """Initialise the encoder from a classification checkpoint: a path, a state dict or a
         training checkpoint holding one under ``"model"``, ours or timm's.
 
-        :func:`vit.timm_interop.load_pretrained` does the loading (key names, position-embedding
+        :func:`vit.models.load_pretrained` does the loading (key names, position-embedding
         resampling, the classifier head dropped); anything else that does not fit is a
         ``ValueError`` naming the keys.
         """
-        from vit.timm_interop import load_pretrained
-
         load_pretrained(self.encoder, source)
 
     def forward_memory(self, images: Tensor) -> Tensor:

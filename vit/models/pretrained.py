@@ -31,6 +31,7 @@ from typing import Any
 from torch import nn
 
 from vit.errors import CheckpointError, UsageError
+from vit.models._builder import build, upgrade_spec
 from vit.preprocess import Preprocess
 
 __all__ = [
@@ -144,8 +145,6 @@ def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
-    from vit.tasks import get_task
-
     folder = Path(path)
     config = read_export_config(folder)
     weights = folder / WEIGHTS_NAME
@@ -157,16 +156,17 @@ def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
         with safe_open(weights, framework="pt") as f:  # reads the header only
             stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
         preprocess = Preprocess.from_dict(config["preprocess"])
-        task = get_task(config["task"])
     except (SafetensorError, OSError) as e:
         raise CheckpointError(
             f"cannot read {weights}: not a valid safetensors file ({e})"
         ) from None
     except (UsageError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME} is malformed: {e}") from None
-    spec = {"name": config["architecture"], "kwargs": config["model_args"]}
+    spec = upgrade_spec(
+        {"name": config["architecture"], "kwargs": config["model_args"]}, config["task"]
+    )
     try:
-        model = task.build_checked(spec, max_params=stored)
+        model = build(spec, max_params=stored)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
@@ -206,7 +206,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     if Path(repo_id).exists():
         raise CheckpointError(
             f"{repo_id} is a file, not an export folder; for a training checkpoint use "
-            f"vit.checkpoint.load_model, or export it with python -m vit.export"
+            f"vit.engine.checkpoint.load_model, or export it with python -m vit.export"
         )
     if not _REPO_ID.match(repo_id):
         raise CheckpointError(f"export folder {repo_id} does not exist; {_FIX}")

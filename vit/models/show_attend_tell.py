@@ -26,7 +26,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vit.additive_attention import AdditiveAttention
+from vit.layers.additive_attention import AdditiveAttention
 from vit.models.captioning import _CAPTION_VARIANTS
 from vit.models.decoding import Captioner, StepFn, check_caption_config
 

@@ -14,8 +14,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vit.conv_attention import CONV_ATTENTION
-from vit.conv_stem import ConvTokenizer, SequencePool, conv_grid_size
 from vit.errors import did_you_mean
 from vit.layers import (
     EncoderBlock,
@@ -25,6 +23,8 @@ from vit.layers import (
     sincos_2d_position_encoding,
 )
 from vit.layers import sinusoidal_position_encoding as sinusoidal_1d
+from vit.layers.conv_attention import CONV_ATTENTION
+from vit.layers.conv_stem import ConvTokenizer, SequencePool, conv_grid_size
 from vit.models._registry import check_options, register_config_variant
 
 __all__ = ["ViTConfig", "VisionTransformer"]
@@ -47,7 +47,7 @@ class ViTConfig:
     conv_layers: int = 1
     conv_kernel: int = 3
     conv_channels: int = 64  # width of the inner stages (the last outputs embed_dim); CCT's
-    # A module of vit.conv_attention.CONV_ATTENTION ("cbam", "se", ...) after each stage's
+    # A module of vit.layers.conv_attention.CONV_ATTENTION ("cbam", "se", ...) after each stage's
     # max-pool: a hybrid beyond CCT, which has none. None: no module.
     conv_attention: str | None = None
     num_classes: int = 10  # 0: no head, forward() returns the pooled features
@@ -97,7 +97,7 @@ class ViTConfig:
             hint = did_you_mean(str(self.conv_attention), CONV_ATTENTION)
             problems.append(
                 f"conv_attention {self.conv_attention!r} is not a module of "
-                f"vit.conv_attention{hint} (known: {', '.join(sorted(CONV_ATTENTION))})"
+                f"vit.layers.conv_attention{hint} (known: {', '.join(sorted(CONV_ATTENTION))})"
             )
         if self.conv_attention is not None and self.tokenizer != "conv":
             problems.append("conv_attention needs tokenizer='conv'")

@@ -1,6 +1,6 @@
 """Additive attention (Bahdanau et al. 2015), the ``f_att`` of Show, Attend and Tell (Xu et al.
-2015). Re-exported by :mod:`vit.layers`, whose mask convention it follows (boolean True = may
-attend, float = added to the scores)."""
+2015). It follows the mask convention of :mod:`vit.layers.attention` (boolean True = may attend,
+float = added to the scores)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vit.layers import _masked_scores
+from vit.layers.attention import masked_scores
 
 __all__ = ["AdditiveAttention"]
 
@@ -59,7 +59,7 @@ class AdditiveAttention(nn.Module):
             rearrange(self.to_q(query), "b q a -> b q 1 a") + rearrange(pk, "b k a -> b 1 k a")
         )  # (B, Tq, Tk, attn_dim)
         scores = rearrange(self.to_score(hidden), "b q k 1 -> b q k")
-        weights = _masked_scores(scores, mask).softmax(dim=-1)
+        weights = masked_scores(scores, mask).softmax(dim=-1)
         out = torch.matmul(weights, values)  # (B, Tq, Dv)
         if single:
             return out[:, 0], weights[:, 0]

@@ -17,8 +17,8 @@ from typing import Any
 from einops import rearrange
 from torch import Tensor, nn
 
-from vit.conv_attention import create_conv_attention
 from vit.errors import did_you_mean
+from vit.layers.conv_attention import create_conv_attention
 
 __all__ = ["ConvTokenizer", "SequencePool", "conv_grid_size"]
 
@@ -74,8 +74,8 @@ class ConvTokenizer(nn.Module):
 
     Stage widths are ``in_chans → hidden_channels → … → embed_dim`` (the last stage outputs
     ``embed_dim``); convolutions have no bias and Kaiming-normal weights, as in CCT. With
-    ``attention`` set (a key of :data:`vit.conv_attention.CONV_ATTENTION`), that module, built with
-    ``attention_kwargs``, follows each stage's max-pool; it is not part of CCT.
+    ``attention`` set (a key of :data:`vit.layers.conv_attention.CONV_ATTENTION`), that module,
+    built with ``attention_kwargs``, follows each stage's max-pool; it is not part of CCT.
 
     ``stage``: every stage's convolution (``kernel_size`` 3, ``stride`` 1, ``padding`` 1) and
     max-pool (``pool_kernel`` 3, ``pool_stride`` 2, ``pool_padding`` 1) settings; the defaults

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from vit.config import RunConfig, resolve_device
+from vit.engine.config import RunConfig, resolve_device
 from vit.errors import ConfigError
 
 __all__ = ["init_distributed", "leave_process_group", "world_size"]

@@ -20,6 +20,9 @@ import torch
 
 from vit.errors import CliParser, ConfigError, did_you_mean
 
+if typing.TYPE_CHECKING:
+    from vit.data.transforms import AugmentPolicy
+
 __all__ = [
     "ConfigError",
     "RunConfig",
@@ -41,7 +44,7 @@ class RunConfig:
     fields (the command line wins over the file); the resolved config is saved as
     ``config.yaml``."""
 
-    task: str = _opt("classify", "what to train: a name in vit.tasks.TASKS")
+    task: str = _opt("classify", "what to train: a name in vit.engine.tasks.TASKS")
     data: str = _opt("synthetic", "dataset name; valid names depend on --task")
     data_dir: str = _opt("data", "where the dataset lives (cifar10 downloads into it)")
     cache_dir: str = _opt("", "decoded-image cache; '' = $XDG_CACHE_HOME/vit or ~/.cache/vit")
@@ -58,9 +61,9 @@ class RunConfig:
     batch_size: int = _opt(128, "images per optimiser step")
     optimizer: Literal["adamw", "muon"] = _opt(
         "adamw",
-        "muon: Muon (Jordan et al. 2024; vit.optim) on the blocks' weight matrices, AdamW on "
-        "embeddings, head, norms and biases, one lr for both (Muon's updates are scaled to "
-        "AdamW's RMS)",
+        "muon: Muon (Jordan et al. 2024; vit.engine.optim) on the blocks' weight matrices, "
+        "AdamW on embeddings, head, norms and biases, one lr for both (Muon's updates are scaled "
+        "to AdamW's RMS)",
     )
     lr: float = _opt(1e-3, "peak learning rate")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
@@ -130,6 +133,18 @@ class RunConfig:
     rollout_head_fusion: Literal["mean", "max", "min"] = _opt("mean", "rollout head fusion")
     rollout_discard_ratio: float = _opt(0.0, "rollout: share of lowest weights dropped")
     rollout_per_layer: bool = _opt(False, "rollout: also log each layer's attention")
+
+    def augment_policy(self) -> AugmentPolicy:
+        """The training augmentation these options ask for."""
+        from vit.data.transforms import AugmentPolicy
+
+        return AugmentPolicy(
+            crop_padding=self.crop_padding,
+            hflip=self.hflip,
+            randaugment_ops=self.randaugment_ops,
+            randaugment_magnitude=self.randaugment_magnitude,
+            cutout=self.cutout,
+        )
 
 
 _POSITIVE = (
@@ -240,14 +255,6 @@ def make_config(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr ({cfg.min_lr}) must not exceed lr ({cfg.lr})")
-    if cfg.randaugment_ops > 0:
-        from vit.data.transforms import RANDAUGMENT_OPS
-
-        if cfg.randaugment_ops > len(RANDAUGMENT_OPS):
-            raise ConfigError(
-                f"randaugment_ops is at most {len(RANDAUGMENT_OPS)} (the policy's operations), "
-                f"got {cfg.randaugment_ops}"
-            )
     for key, bound in _AT_MOST.items():
         if getattr(cfg, key) > bound:
             raise ConfigError(f"{key} is at most {bound:,}, got {getattr(cfg, key):,}")
@@ -261,19 +268,10 @@ def make_config(values: dict[str, Any]) -> RunConfig:
         )
     if cfg.init_from and not Path(cfg.init_from).exists():
         raise ConfigError(f"--init-from {cfg.init_from}: no such file or folder")
-    for key in ("crop_padding", "cutout"):  # checked before any image is decoded
-        if getattr(cfg, key) > cfg.img_size:
-            raise ConfigError(
-                f"{key} {getattr(cfg, key)} exceeds the image size {cfg.img_size}; use at most "
-                f"{cfg.img_size}"
-            )
-    if cfg.randaugment_magnitude > 10:
-        raise ConfigError(
-            f"randaugment_magnitude is on a 0-10 scale, got {cfg.randaugment_magnitude}"
-        )
+    cfg.augment_policy().check(cfg.img_size)  # before any image is decoded
     if not cfg.out_dir:
         cfg.out_dir = str(Path("runs") / f"{cfg.task}-{cfg.data}")
-    from vit.tasks import get_task
+    from vit.engine.tasks import get_task
 
     get_task(cfg.task).check_config(cfg)
     return cfg

@@ -3,21 +3,17 @@
 A training checkpoint (``last.pt``, ``best.pt``) is a ``torch.save`` archive of plain data and
 tensors, read with ``torch.load(..., weights_only=True)``: loading one never runs code. It holds
 ``format``, ``task``, ``task_state`` (class names, preprocessing, vocabulary), ``config`` (the
-run's :class:`~vit.config.RunConfig` as a mapping), ``model_spec`` (the model's name and keyword
-arguments), ``model`` and optionally ``ema`` (state dicts), plus what resuming needs (optimizer,
-scaler, progress, RNG states). Every file from elsewhere is validated before it is used, and a
-``model_spec`` is built only when the weights stored beside it can fill it.
+run's :class:`~vit.engine.config.RunConfig` as a mapping), ``model_spec`` (the model's name and
+keyword arguments), ``model`` and optionally ``ema`` (state dicts), plus what resuming needs
+(optimizer, scaler, progress, RNG states). Every file from elsewhere is validated before it is
+used, and a ``model_spec`` is built only when the weights stored beside it can fill it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import pickle
 import random
-import warnings
-import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from vit.errors import CheckpointError
+from vit.models._builder import build, upgrade_spec
+from vit.models._helpers import (
+    CHECKPOINT_FORMAT,
+    read_state_dict,
+    strip_wrapper_prefixes,
+    torch_load,
+)
 from vit.preprocess import Preprocess
 
 __all__ = [
@@ -43,7 +46,6 @@ __all__ = [
     "strip_wrapper_prefixes",
 ]
 
-CHECKPOINT_FORMAT = "vit.train/1"
 # What a training checkpoint must hold, with the type of each entry.
 _REQUIRED = {
     "task": str,
@@ -52,8 +54,6 @@ _REQUIRED = {
     "model_spec": dict,
     "model": dict,
 }
-# torch.compile wraps a model as `_orig_mod`, DDP as `module`, in either order and nesting.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -83,41 +83,6 @@ def _is_enospc(e: BaseException) -> bool:
     return getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
 
 
-def _torch_load(path: Path, what: str) -> Any:
-    """``torch.load(weights_only=True)`` with one-line answers for every way a file can be bad."""
-    if not path.is_file():
-        raise CheckpointError(f"no {what} file at {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"cannot read {what} {path}: the file is empty")
-    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
-        raise CheckpointError(
-            f"cannot read {what} {path}: it is truncated or not a PyTorch checkpoint (torch.save "
-            f"writes a zip archive); pass a last.pt or best.pt written by train.py"
-        )
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols it did not write; the refusal below is the answer
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):
-            raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects that would run code when "
-                f"unpickled; only checkpoints of tensors and plain data load"
-            ) from None
-        raise CheckpointError(
-            f"cannot read {what} {path}: it is corrupt, or a plain pickle (never loaded, as "
-            f"unpickling can run code)"
-        ) from None
-    except PermissionError:
-        raise CheckpointError(f"cannot read {what} {path}: permission denied") from None
-    except Exception as e:  # any other failure to parse the file (zip, struct, EOF, ...)
-        first = (str(e) or type(e).__name__).split(". ")[0].splitlines()[0]
-        raise CheckpointError(
-            f"cannot read {what} {path}: the file is truncated or corrupt ({first})"
-        ) from None
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and validate a training checkpoint (``weights_only=True``: no code runs).
 
@@ -126,11 +91,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             checkpoint, or missing an entry (or holding one of the wrong type).
     """
     path = Path(path)
-    ckpt = _torch_load(path, "checkpoint")
+    ckpt = torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a vit training checkpoint (no format {CHECKPOINT_FORMAT!r}); for timm "
-            f"or plain state dicts use --init-from or vit.timm_interop.load_pretrained"
+            f"or plain state dicts use --init-from or vit.models.load_pretrained"
         )
     problems = [
         f"{key!r} is missing" if key not in ckpt else f"{key!r} is not a {tp.__name__}"
@@ -155,65 +120,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def strip_wrapper_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Parameter names without the prefixes that ``torch.compile`` (``_orig_mod.``) and DDP /
-    ``nn.DataParallel`` (``module.``) add, in any order and nesting."""
-
-    def strip(key: str) -> str:
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        return key
-
-    return {strip(k): v for k, v in state.items()}
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """The weights in a file: a ``.safetensors`` file, a ``vit`` checkpoint (its EMA weights when
-    it has them), an export folder's ``model.safetensors``, or a ``torch.save``-d state dict
-    (timm's, possibly under ``model``/``state_dict``); wrapper prefixes are stripped.
-
-    Raises:
-        CheckpointError: the file is missing, unreadable, unsafe or holds no state dict.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint file at {path}")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return strip_wrapper_prefixes(load_file(path, device="cpu"))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f"cannot read weights {path}: not a valid safetensors file ({e})"
-            ) from None
-    source = _torch_load(path, "checkpoint")
-    if isinstance(source, dict) and source.get("format") == CHECKPOINT_FORMAT:
-        source = source.get("ema") or source.get("model")
-    # Training scripts wrap the weights: {"model": state_dict, "optimizer": ..., ...}.
-    for wrapper in ("model", "state_dict", "model_state_dict"):
-        if isinstance(source, dict) and isinstance(source.get(wrapper), Mapping):
-            source = source[wrapper]
-            break
-    if not isinstance(source, Mapping) or not source:
-        raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors)")
-    bad = [k for k, v in source.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: entries {bad[:5]} of its state dict are not tensors")
-    return strip_wrapper_prefixes(source)
-
-
 def _build_bounded(spec: dict[str, Any], task: str, state: dict[str, Tensor], path: Path) -> Any:
     """Build ``spec``'s model, refusing one larger than the weights stored beside it (a crafted
-    ``model_spec`` could otherwise ask for any amount of memory; see ``Task.build_checked``)."""
-    from vit.tasks import get_task
-
+    ``model_spec`` could otherwise ask for any amount of memory; see :func:`vit.models.build`)."""
     stored = sum(v.numel() for v in state.values())
     try:
-        return get_task(task).build_checked(spec, max_params=stored)
+        return build(upgrade_spec(spec, task), max_params=stored)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         if isinstance(e, CheckpointError):
             raise

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
-from vit.layers import scaled_dot_product_attention
+from vit.layers.attention import scaled_dot_product_attention
 
 __all__ = [
     "BAM",

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vit.config import RunConfig
+from vit.engine.config import RunConfig
 from vit.errors import ConfigError
 
 __all__ = [
@@ -221,7 +221,6 @@ def check_resume(ckpt: dict[str, Any], cfg: RunConfig, world_size: int, path: Pa
         CheckpointError: no optimizer, scaler, progress or RNG state in the checkpoint.
         ConfigError: a change that breaks exact resume.
     """
-    from vit.data.transforms import AugmentPolicy
     from vit.errors import CheckpointError
 
     missing = [k for k in ("optimizer", "scaler", "progress", "rng") if k not in ckpt]
@@ -232,7 +231,7 @@ def check_resume(ckpt: dict[str, Any], cfg: RunConfig, world_size: int, path: Pa
         )
     notes = resume_changes(ckpt["config"], cfg)
     saved_world = ckpt.get("world_size", len(ckpt["rng"].get("ranks", [None])))
-    random_draws = AugmentPolicy.from_config(cfg).enabled or cfg.mixup > 0 or cfg.cutmix > 0
+    random_draws = cfg.augment_policy().enabled or cfg.mixup > 0 or cfg.cutmix > 0
     if saved_world != world_size:
         if random_draws or cfg.drop_path > 0:
             raise ConfigError(

@@ -5,19 +5,18 @@ from __future__ import annotations
 import abc
 import importlib
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from vit.config import RunConfig
 from vit.errors import ConfigError, did_you_mean
 
-__all__ = ["MAX_PARAMS", "TASKS", "Task", "get_task", "model_from_spec"]
+if TYPE_CHECKING:
+    from vit.engine.config import RunConfig
 
-# The largest model built from a config or a checkpoint (ViT-g has ~1B parameters).
-MAX_PARAMS = 2_000_000_000
+__all__ = ["TASKS", "Task", "get_task"]
 
 
 class Task(abc.ABC):
@@ -63,30 +62,7 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def model_spec(self) -> dict[str, Any]:
-        """``{"name": ..., "kwargs": {...}}``, from which :meth:`model_from_spec` rebuilds it."""
-
-    @staticmethod
-    def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-        """The model a :meth:`model_spec` describes (untrained)."""
-        return model_from_spec(spec)
-
-    @classmethod
-    def build_checked(cls, spec: dict[str, Any], *, max_params: int = MAX_PARAMS) -> nn.Module:
-        """:meth:`model_from_spec`, after laying the model out on the meta device (which
-        allocates nothing) to refuse one of more than ``max_params`` parameters: a typo in
-        ``model_args`` or a crafted checkpoint never asks for absurd memory.
-
-        Raises:
-            ValueError: too many parameters, an unknown name; TypeError: an unknown keyword.
-        """
-        with torch.device("meta"):
-            needed = sum(p.numel() for p in cls.model_from_spec(spec).parameters())
-        if needed > max_params:
-            raise ValueError(
-                f"{spec['name']!r} with {spec['kwargs']} has {needed:,} parameters, more than "
-                f"{max_params:,}"
-            )
-        return cls.model_from_spec(spec)
+        """``{"name": ..., "kwargs": {...}}``, from which :func:`vit.models.build` rebuilds it."""
 
     def collate_fn(self) -> Callable[[list[Any]], Any] | None:
         """The DataLoader's collate function (``None``: PyTorch's default)."""
@@ -119,8 +95,8 @@ class Task(abc.ABC):
 
 TASKS: dict[str, str] = {
     # name → "module:Class", imported on first use so `--task` never pays for unused tasks.
-    "classify": "vit.classification:ClassificationTask",
-    "caption": "vit.captions.task:CaptionTask",
+    "classify": "vit.engine.classification:ClassificationTask",
+    "caption": "vit.engine.captioning:CaptionTask",
 }
 
 
@@ -131,23 +107,3 @@ def get_task(name: str) -> type[Task]:
         raise ConfigError(f"unknown task {name!r}{hint} (choose from {', '.join(TASKS)})")
     module, cls = TASKS[name].split(":")
     return getattr(importlib.import_module(module), cls)
-
-
-def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """``{"name": ..., "kwargs": {...}}`` → the model: a :func:`vit.models.create_model` variant,
-    or ``timm:NAME``, any timm model (e.g. the reference ViT of benchmarks/time_to_accuracy.py,
-    so that it is trained and measured by the same engine).
-
-    Raises:
-        ValueError: an unknown name; TypeError: an unknown keyword.
-    """
-    name = spec["name"]
-    if name.startswith("timm:"):
-        import timm
-
-        if not timm.is_model(name.removeprefix("timm:")):
-            raise ValueError(f"{name!r} is not a timm model name (see timm.list_models())")
-        return timm.create_model(name.removeprefix("timm:"), **spec["kwargs"])
-    from vit.models import create_model
-
-    return create_model(name, **spec["kwargs"])

@@ -24,7 +24,7 @@ from timm.optim.muon import zeropower_via_newtonschulz
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from vit.config import RunConfig
+    from vit.engine.config import RunConfig
 
 __all__ = ["Muon", "build_optimizer"]
 
@@ -204,7 +204,7 @@ def build_optimizer(
         )
     betas = (0.9, cfg.beta2)
     if cfg.optimizer == "muon":
-        # Under DDP the ranks split the Newton-Schulz iterations (vit.optim.Muon).
+        # Under DDP the ranks split the Newton-Schulz iterations (vit.engine.optim.Muon).
         group = torch.distributed.group.WORLD if distributed else None
         return Muon(groups, lr=cfg.lr, betas=betas, process_group=group)
     # On CUDA one fused kernel updates every parameter (the foreach default launches several

@@ -1,8 +1,8 @@
 """The training engine: the loop, AMP, the schedule, EMA, DDP, checkpoints, exact resume, logging.
 
 The loop owns everything that is the same for every task — optimizer, schedule, AMP, EMA,
-checkpoints, resume, signals, TensorBoard — and asks the :class:`~vit.tasks.Task` for its data,
-model, loss and metrics.
+checkpoints, resume, signals, TensorBoard — and asks the :class:`~vit.engine.tasks.Task` for its
+data, model, loss and metrics.
 
 Exact resume: the learning rate is a pure function of the step, data order and augmentation are pure
 functions of ``(seed, epoch, index)`` (:mod:`vit.data`), mixup/cutmix are seeded per step, and a
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vit.checkpoint import (
+from vit.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
     load_weights,
@@ -39,12 +39,11 @@ from vit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vit.config import RunConfig
-from vit.data.loader import WaitClock, build_loader, use_device_loader
-from vit.distributed import init_distributed
-from vit.errors import CheckpointError, ConfigError
-from vit.optim import build_optimizer
-from vit.rundir import (
+from vit.engine.config import RunConfig
+from vit.engine.distributed import init_distributed
+from vit.engine.loader import WaitClock, build_loader, use_device_loader
+from vit.engine.optim import build_optimizer
+from vit.engine.rundir import (
     RunLock,
     check_out_dir,
     check_resume,
@@ -52,8 +51,9 @@ from vit.rundir import (
     read_metrics,
     write_config,
 )
-from vit.schedule import Progress, extend, fit_to_time, scheduled_lr
-from vit.tasks import get_task
+from vit.engine.schedule import Progress, extend, fit_to_time, scheduled_lr
+from vit.engine.tasks import get_task
+from vit.errors import CheckpointError, ConfigError
 
 __all__ = ["Diverged", "Interrupted", "Trainer", "train"]
 
@@ -171,7 +171,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
         """The checkpoint to continue from; rank 0 also checks the run directory
-        (:func:`vit.rundir.check_out_dir`), the other ranks follow its decision."""
+        (:func:`vit.engine.rundir.check_out_dir`), the other ranks follow its decision."""
         cfg, last = self.cfg, self.out / "last.pt"
         if self.is_main:
             return check_out_dir(cfg)
@@ -180,10 +180,10 @@ class Trainer:
         return Path(cfg.resume) if cfg.resume else None
 
     def _init_from(self, path: Path) -> None:
-        """Fine-tuning: ``path``'s weights through :func:`vit.timm_interop.load_pretrained`
+        """Fine-tuning: ``path``'s weights through :func:`vit.models.load_pretrained`
         (position embedding and patch kernel resampled, a head of other classes replaced; a
         captioner's encoder for a captioner); its notes are printed once (rank 0)."""
-        from vit.timm_interop import load_pretrained, logger
+        from vit.models._builder import load_pretrained, logger
 
         logger.disabled = True  # the notes are printed below, by rank 0 alone
         try:
@@ -304,7 +304,7 @@ class Trainer:
 
     def _extend(self, ckpt: dict[str, Any]) -> None:
         """``--epochs`` changed on resume: the schedule ends at the new epoch count
-        (:func:`vit.schedule.extend`)."""
+        (:func:`vit.engine.schedule.extend`)."""
         p, cfg = self.progress, self.cfg
         if ckpt["config"].get("epochs") == cfg.epochs:
             return

@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import unwrap_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from vit.captions.attention import attention_strip
 from vit.captions.datasets import (
     CAPTION_DATASETS,
     CaptionDataset,
@@ -21,24 +20,13 @@ from vit.captions.datasets import (
 )
 from vit.captions.metrics import bleu_scores, cider_d
 from vit.captions.tokenizer import Tokenizer
-from vit.config import RunConfig
+from vit.engine.config import RunConfig
+from vit.engine.tasks import Task
 from vit.errors import ConfigError, DataError, did_you_mean
-from vit.tasks import Task
+from vit.models import build, upgrade_spec
+from vit.models._helpers import unwrap_model
 
-__all__ = ["CAPTION_TASK_ARGS", "CaptionTask", "attention_strip", "cross_attention_maps"]
-
-
-@torch.no_grad()
-def cross_attention_maps(
-    model: nn.Module, images: Tensor, tokens: Tensor, **options: Any
-) -> Tensor:
-    """Word → patch attention of a captioner reading ``tokens`` (B, T) (``<bos>`` first) for
-    ``images``, on the patch grid: (B, T, gh, gw); row t is where the model looks to predict token
-    t+1. Each captioner says what that is through its ``word_attention(images, tokens)``: the last
-    decoder block's cross-attention (head mean; ``layer=i`` picks another block) for
-    :class:`~vit.models.CaptioningTransformer`, the soft attention α for
-    :class:`~vit.models.CaptioningLSTM`."""
-    return unwrap_model(model).word_attention(images, tokens, **options)
+__all__ = ["CAPTION_TASK_ARGS", "CaptionTask"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,22 +167,12 @@ class CaptionTask(Task):
             "img_size": cfg.img_size,
             "drop_path_rate": cfg.drop_path,
         }
-        return {"name": cfg.model, "kwargs": kwargs}
-
-    @staticmethod
-    def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-        """A caption variant by name: ``caption_*`` (Transformer decoder) or ``caption_lstm_*``
-        (Show, Attend and Tell); any other name is a ViT variant, the encoder of a default
-        Transformer decoder."""
-        from vit.models import CaptionConfig, CaptioningTransformer, create_model
-
-        if spec["name"].startswith("caption_"):
-            return create_model(spec["name"], **spec["kwargs"])
-        return CaptioningTransformer(CaptionConfig(encoder=spec["name"]), **spec["kwargs"])
+        # Any ViT variant as --model is the encoder of the default Transformer decoder.
+        return upgrade_spec({"name": cfg.model, "kwargs": kwargs}, "caption")
 
     def build_model(self) -> nn.Module:
         try:
-            model = self.build_checked(self.model_spec())
+            model = build(self.model_spec())
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot build captioning model {self.cfg.model!r}: {e}") from None
         # The default λ serves LSTM decoders; one set by hand for a model without α would be a
@@ -316,44 +294,11 @@ class CaptionTask(Task):
         for i, caption in enumerate(captions):
             writer.add_image(
                 f"captions/attention_{i}",
-                attention_strip(model, x[i : i + 1], images[i].float() / 255, caption, self),
+                attention_strip(
+                    model, x[i : i + 1], images[i].float() / 255, caption, self.tokenizer
+                ),
                 step,
             )
-
-
-def attention_strip(
-    model: nn.Module, x: Tensor, display: Tensor, caption: str, task: CaptionTask | Tokenizer
-) -> Tensor:
-    """One (3, H', W') picture: the image, then for each word of ``caption`` where the captioner
-    looked to write it (:func:`cross_attention_maps`: a Transformer's last cross-attention, an
-    LSTM's α) over the image, labelled with the word."""
-    from PIL import Image, ImageDraw
-
-    from vit.rollout import normalize_maps, overlay
-
-    tok = task.tokenizer if isinstance(task, CaptionTask) else task
-    inner = unwrap_model(model)
-    ids, _, _ = tok.encode(caption)
-    words = Tokenizer.split(caption)
-    # Inputs <bos> w1 .. wn: row t of the maps is where the model looked to predict word t+1.
-    tokens = torch.tensor([ids[:-1]], device=x.device)
-    maps = cross_attention_maps(inner, x, tokens)[0, : len(words)].float()  # (n, gh, gw)
-    scale = max(1, 64 // display.shape[-1])
-    size = (display.shape[-2] * scale, display.shape[-1] * scale)
-    big = torch.nn.functional.interpolate(display[None].cpu(), size=size, mode="nearest")[0]
-    heat = torch.nn.functional.interpolate(maps[:, None].cpu(), size=size, mode="bilinear")[:, 0]
-    heat = normalize_maps(heat)
-    panels = [big, *overlay(big.expand(len(heat), -1, -1, -1), heat)]
-    words = ["", *words]
-    label_h = 12
-    h, w = size
-    canvas = Image.new("RGB", (len(panels) * (w + 2), h + label_h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, (panel, word) in enumerate(zip(panels, words, strict=True)):
-        arr = (panel.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        canvas.paste(Image.fromarray(arr), (j * (w + 2), 0))
-        draw.text((j * (w + 2) + 1, h), word, fill=(0, 0, 0))
-    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)  # uint8 (3, H', W')
 
 
 def _has_alphas(model: nn.Module) -> bool:

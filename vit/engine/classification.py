@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from vit.config import RunConfig
-from vit.distributed import world_size
+from vit.engine.config import RunConfig
+from vit.engine.distributed import world_size
+from vit.engine.tasks import Task
 from vit.errors import ConfigError, DataError
+from vit.models import build
 from vit.preprocess import Preprocess
 from vit.rollout import colorize
-from vit.tasks import Task
 
 __all__ = ["ClassificationTask", "confusion_image"]
 
@@ -172,7 +173,7 @@ class ClassificationTask(Task):
         ds = data.ImageDataset(x, y, classes, boxes=boxes)
         if split == "train":
             cfg = self.cfg
-            transform = data.build_transform(cfg.img_size, data.AugmentPolicy.from_config(cfg))
+            transform = data.build_transform(cfg.img_size, cfg.augment_policy())
             ds = ds.with_transform(transform, seed=cfg.seed)
             if self._mixup is not None:
                 self._mixup.num_classes = len(classes)
@@ -205,7 +206,7 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         try:
-            return self.build_checked(self.model_spec())
+            return build(self.model_spec())
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot build model {self.cfg.model!r}: {e}") from None
 
@@ -313,7 +314,7 @@ class ClassificationTask(Task):
             writer.add_image("val/confusion", confusion_image(self.last_confusion), step)
         if cfg.rollout_every == 0 or (epoch + 1) % cfg.rollout_every:
             return
-        from vit.rollout import log_rollout
+        from vit.rollout.tensorboard import log_rollout
 
         images = self._rollout_batch()
         device = next(model.parameters()).device
