@@ -92,4 +92,6 @@ def test_cuda_iterates_in_bfloat16_and_agrees_with_the_cpu() -> None:
 
     start = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
     cpu, cuda = on("cpu"), on("cuda")
-    assert 0 < (cuda - cpu).abs().max() < 0.02 * (cpu - start).abs().max()
+    # bf16 Newton-Schulz on both devices, rounded differently: 2.4% of the update on an H200
+    # (2026-12-04); fp32 on CUDA would agree to ~1e-6, and another algorithm would differ by ~100%.
+    assert 0 < (cuda - cpu).abs().max() < 0.05 * (cpu - start).abs().max()
