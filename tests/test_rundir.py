@@ -18,6 +18,7 @@ from conftest import TINY
 from conftest import flags as engine_flags
 
 from vit.engine.checkpoint import load_checkpoint
+from vit.engine.rundir import RunLock
 from vit.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_a_second_process_into_a_locked_directory_is_refused(tmp_path: Path) -> 
     slow = flags(out, epochs=1000, seed=1)  # runs until stopped below
     first = subprocess.Popen([*cmd, *slow], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (out / ".lock").exists() and time.monotonic() < deadline:
+    while not (out / ".lock.owner").exists() and time.monotonic() < deadline:
         assert first.poll() is None, first.communicate()[1].decode()
         time.sleep(0.01)
     second = subprocess.run(
@@ -64,24 +65,26 @@ def test_a_second_process_into_a_locked_directory_is_refused(tmp_path: Path) -> 
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert second.stderr.count("\n") == 1
     assert f"is in use by another run (pid {first.pid} on " in second.stderr
-    # The folder holds the first run alone: its config, its checkpoints, no lock left behind.
+    # The folder holds the first run alone: its config, its checkpoints; the lock is free again.
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 1
     assert load_checkpoint(out / "last.pt")["config"]["seed"] == 1
-    assert not (out / ".lock").exists() and not list(out.glob("config.*.yaml"))
+    assert not (out / ".lock.owner").exists() and not list(out.glob("config.*.yaml"))
+    with RunLock(out):
+        pass
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, capsys) -> None:
+def test_the_lock_of_a_dead_process_never_blocks(tmp_path: Path) -> None:
+    """A run killed with SIGKILL leaves its lock files; the kernel released the lock itself."""
     out = tmp_path / "run"
     out.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    host = os.uname().nodename
-    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": host, "started": 0}))
-    assert main(flags(out)) == 0
-    assert f"taking over the stale lock of {out} (pid {dead.pid}, no longer running)" in (
-        capsys.readouterr().err
+    code = (
+        "import sys, os, signal; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+        "from vit.engine.rundir import RunLock; RunLock(Path(sys.argv[1])).__enter__(); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
     )
-    assert not (out / ".lock").exists()
+    dead = subprocess.run([sys.executable, "-c", code, str(out), str(ROOT)], check=False)
+    assert dead.returncode == -signal.SIGKILL and (out / ".lock.owner").exists()
+    assert main(flags(out)) == 0
 
 
 # ----------------------------------------------------------------------------------------------

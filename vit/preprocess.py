@@ -206,11 +206,6 @@ class Preprocess:
         mean, std = _stats(self.mean, self.std, images.device)
         return (images.float() / 255.0 - mean) / std
 
-    def denormalize(self, x: Tensor) -> Tensor:
-        """Inverse of :meth:`normalize`: float [0, 1] images for display."""
-        mean, std = _stats(self.mean, self.std, x.device)
-        return (x.float() * std + mean).clamp(0, 1)
-
 
 @functools.lru_cache(maxsize=16)
 def _stats(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -158,7 +158,7 @@ def load_model(
             f"or --weights auto"
         )
     use_ema = weights != "model" and ckpt.get("ema") is not None
-    state = strip_wrapper_prefixes(ckpt["ema"] if use_ema else ckpt["model"])
+    state = ckpt["ema"] if use_ema else ckpt["model"]
     model = _build_bounded(ckpt["model_spec"], ckpt["task"], state, path)
     load_weights(model, state, path, ckpt["model_spec"])
     return model.eval(), ckpt

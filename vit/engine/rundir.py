@@ -1,9 +1,8 @@
 """A run directory is a transaction: one writer, a config that says what the run uses, logs of
 one run only.
 
-* :class:`RunLock` — ``.lock`` holds the writer's pid and host for the life of a run; a second
-  run into the directory is refused naming the holder; a lock left by a dead process on this host
-  is taken over with a note.
+* :class:`RunLock` — a kernel lock on ``.lock`` for the life of a run; a second run into the
+  directory is refused naming the holder; the lock ends with its process, so it is never stale.
 * :func:`check_out_dir` — a fresh run never mixes with what a folder already holds; ``--resume``
   from elsewhere never overwrites another run.
 * :func:`resume_changes` — on resume, keys that may change (extending the run, logging cadence,
@@ -25,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from vit.engine.config import RunConfig
 from vit.errors import ConfigError
@@ -72,61 +73,44 @@ _RUN_GLOBS = ("config*.yaml", "events.out.tfevents.*", ".*.pt.tmp")
 class RunLock:
     """``out_dir/.lock`` for the life of a run: ``with RunLock(out_dir): ...``.
 
+    A kernel lock (``filelock``): the operating system releases it when the process ends, however
+    it ends, so a lock is never stale. ``.lock.owner`` records the holder (pid, host, start time)
+    for the message a second writer gets.
+
     Raises:
-        ConfigError: (on entering) another live process holds the directory.
+        ConfigError: (on entering) another process holds the directory.
     """
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / ".lock"
-        self.held = False
+        self.owner = self.path.with_name(".lock.owner")
+        self._lock = FileLock(self.path, timeout=0)
 
     def __enter__(self) -> RunLock:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        tmp = self.path.with_name(f".lock.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(me))
         try:
-            for _ in range(2):
-                try:
-                    os.link(tmp, self.path)  # atomic: fails when a lock exists
-                    self.held = True
-                    return self
-                except FileExistsError:
-                    self._take_over_if_stale()
-            raise ConfigError(f"cannot lock {self.path.parent}: another process took it first")
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _take_over_if_stale(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-            pid, host = int(holder["pid"]), str(holder["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            holder, pid, host = None, -1, socket.gethostname()  # unreadable: a torn lock file
-        if holder is not None and (host != socket.gethostname() or _alive(pid)):
-            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder.get("started", 0)))
+            self._lock.acquire()
+        except Timeout:
             raise ConfigError(
-                f"{self.path.parent} is in use by another run (pid {pid} on {host}, since "
-                f"{since}); wait for it, or choose another --out-dir (if that process is gone, "
-                f"delete {self.path})"
-            )
-        who = f"pid {pid}, no longer running" if holder is not None else "unreadable"
-        print(f"note: taking over the stale lock of {self.path.parent} ({who})", file=sys.stderr)
-        self.path.unlink(missing_ok=True)
+                f"{self.path.parent} is in use by another run ({self._holder()}); wait for it, or "
+                f"choose another --out-dir"
+            ) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        tmp = self.owner.with_name(f".lock.owner.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(me))
+        os.replace(tmp, self.owner)
+        return self
+
+    def _holder(self) -> str:
+        try:
+            holder = json.loads(self.owner.read_text())
+            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(holder["started"])))
+            return f"pid {int(holder['pid'])} on {holder['host']}, since {since}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its owner is still starting"
 
     def __exit__(self, *exc: object) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+        self.owner.unlink(missing_ok=True)
+        self._lock.release()
 
 
 def _run_files(out: Path) -> list[Path]:

@@ -16,8 +16,7 @@ class Progress:
     """Where a run is (saved in checkpoints): its step, epoch, schedule and best metric."""
 
     step: int = 0
-    best: float = -math.inf  # the primary metric's best value, reached at best_step
-    best_step: int = -1
+    best: float = -math.inf  # the primary metric's best value so far
     epoch: int = 0
     batch_in_epoch: int = 0
     total_steps: int = 0

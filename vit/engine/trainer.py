@@ -228,7 +228,9 @@ class Trainer:
         if ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
         try:
-            self.progress = Progress(**ckpt["progress"])
+            # Checkpoints before 0.2 also stored best_step, which nothing read.
+            known = {f.name for f in dataclasses.fields(Progress)}
+            self.progress = Progress(**{k: v for k, v in ckpt["progress"].items() if k in known})
         except TypeError as e:
             raise CheckpointError(f"{path}: its progress record is malformed ({e})") from None
         self.last_metrics = dict(ckpt.get("metrics") or {})
@@ -284,11 +286,12 @@ class Trainer:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         skipped = False
-        if self.scaler.is_enabled():  # fp16: the step is skipped when the gradients hold inf/NaN
-            scale = self.scaler.get_scale()
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips the step when the gradients hold inf/NaN, which is when their
+            # norm is not finite (one host sync, where comparing scales before and after took two).
+            skipped = not bool(torch.isfinite(grad_norm))
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            skipped = self.scaler.get_scale() < scale
             p.skipped_steps += skipped
         else:
             self.optimizer.step()
@@ -562,7 +565,7 @@ class Trainer:
         self._log(writer, "val", metrics, self.task.records())
         self.task.on_epoch_end(writer, self.eval_model(), p.step, p.epoch - 1)
         if primary > p.best:
-            p.best, p.best_step = primary, p.step
+            p.best = primary
             self.save("best.pt")
         self.save()
         if writer is None:  # DDP ranks other than 0
