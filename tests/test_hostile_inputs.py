@@ -433,8 +433,7 @@ def test_encoder_checkpoint_files_get_the_same_answers(tmp_path: Path, capsys, k
 
 
 def test_load_pretrained_strips_wrappers_in_any_order() -> None:
-    from vit.models import create_model
-    from vit.models import load_pretrained
+    from vit.models import create_model, load_pretrained
 
     source = create_model("vit_tiny_patch4_32", embed_dim=32, depth=1, num_heads=2)
     target = create_model("vit_tiny_patch4_32", embed_dim=32, depth=1, num_heads=2)
