@@ -78,8 +78,8 @@ def decode_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_IMAGE_PI
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb8(im, shown)
+            upright = ImageOps.exif_transpose(im)
+            return _to_rgb8(upright, shown)
     except DataError:
         raise
     except FileNotFoundError:

@@ -10,12 +10,12 @@ re-exported here: :func:`from_timm` (a timm ViT as ours, same weights) and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import timm
 from torch import nn
 
-from vit.models import VARIANTS, create_model
+from vit.models import VARIANTS, VisionTransformer, create_model
 from vit.models._builder import LoadReport, convert_timm_state_dict, load_pretrained
 from vit.models._from_timm import config_from_timm, from_timm
 
@@ -68,13 +68,14 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
                     f"global_pool={pool!r} is not supported; use 'token' (class token) or 'avg'"
                 )
             overrides["pool"] = _GLOBAL_POOL[pool]
-        model = create_model(name, **overrides)
+        model = cast(VisionTransformer, create_model(name, **overrides))  # a vit_* variant
         config = model.config
         # Read by timm.data.resolve_data_config (timm's transforms), which falls back to ImageNet's
         # statistics without mean/std: the 32-pixel variants are CIFAR-sized, so CIFAR-10's.
         imagenet = (timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name.endswith("_32") else imagenet
-        model.pretrained_cfg = {
+        # torch types Module.__setattr__ values as Tensor | Module; any attribute can be set.
+        model.pretrained_cfg = {  # type: ignore[assignment]
             "input_size": (config.in_chans, config.img_size, config.img_size),
             "mean": mean,
             "std": std,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -15,6 +15,12 @@ from vit.rollout import normalize_maps, overlay
 __all__ = ["attention_strip", "cross_attention_maps"]
 
 
+class _WordAttention(Protocol):
+    """What a captioner (CaptioningTransformer, CaptioningLSTM) provides for the maps."""
+
+    def word_attention(self, images: Tensor, tokens: Tensor, **options: Any) -> Tensor: ...
+
+
 @torch.no_grad()
 def cross_attention_maps(
     model: nn.Module, images: Tensor, tokens: Tensor, **options: Any
@@ -25,7 +31,8 @@ def cross_attention_maps(
     decoder block's cross-attention (head mean; ``layer=i`` picks another block) for
     :class:`~vit.models.CaptioningTransformer`, the soft attention α for
     :class:`~vit.models.CaptioningLSTM`."""
-    return unwrap_model(model).word_attention(images, tokens, **options)
+    captioner = cast(_WordAttention, unwrap_model(model))
+    return captioner.word_attention(images, tokens, **options)
 
 
 def attention_strip(

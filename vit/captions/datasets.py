@@ -96,7 +96,7 @@ class CaptionDataset(Dataset):
         self.preprocess = caption_preprocess(img_size)
         self._decoded: dict[int, Tensor] = {}
         if not isinstance(data.images, Tensor):
-            data = self._decode_files(data, name)
+            data = self._decode_files(data, data.images, name)
         self.data = data
         self._mirror = {
             tokenizer.stoi[a]: tokenizer.stoi[b]
@@ -141,10 +141,10 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _decode_files(self, data: CaptionData, name: str) -> CaptionData:
-        """Decode every image file up front, as classification does: an unreadable one (corrupt,
-        truncated, too large) is counted, reported and skipped with its captions, like a missing
-        one, instead of stopping training mid-epoch."""
+    def _decode_files(self, data: CaptionData, paths: list[Path], name: str) -> CaptionData:
+        """Decode every image file (``paths``: ``data.images``) up front, as classification does:
+        an unreadable one (corrupt, truncated, too large) is counted, reported and skipped with
+        its captions, like a missing one, instead of stopping training mid-epoch."""
         from concurrent.futures import ThreadPoolExecutor
 
         def load(path: Path) -> Tensor | DataError:
@@ -154,10 +154,8 @@ class CaptionDataset(Dataset):
                 return e
 
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-            decoded = list(pool.map(load, data.images))
-        bad = [
-            (p, r) for p, r in zip(data.images, decoded, strict=True) if isinstance(r, DataError)
-        ]
+            decoded = list(pool.map(load, paths))
+        bad = [(p, r) for p, r in zip(paths, decoded, strict=True) if isinstance(r, DataError)]
         if bad:
             log.warning(
                 "%s: %d of %d images cannot be read and are skipped with their captions (e.g. %s)",
@@ -166,11 +164,12 @@ class CaptionDataset(Dataset):
                 len(decoded),
                 bad[0][1],
             )
-        keep = [i for i, r in enumerate(decoded) if not _failed(r)]
+        read = {i: r for i, r in enumerate(decoded) if not isinstance(r, DataError)}
+        keep = list(read)
         if not keep:
             raise DataError(f"{name}: none of the {len(decoded)} images can be read ({bad[0][1]})")
-        self._decoded = {n: decoded[i] for n, i in enumerate(keep)}
-        return CaptionData([data.images[i] for i in keep], [data.captions[i] for i in keep])
+        self._decoded = {n: read[i] for n, i in enumerate(keep)}
+        return CaptionData([paths[i] for i in keep], [data.captions[i] for i in keep])
 
     def image(self, i: int) -> Tensor:
         """Image ``i`` (of the underlying data) as uint8 (3, S, S)."""
@@ -411,10 +410,6 @@ def load_flickr8k(root: str | os.PathLike, split: str, *, val_fraction: float = 
     if not present:
         raise ValueError(f"flickr8k {split}: none of the captioned images are in {image_dir}")
     return CaptionData([image_dir / n for n in present], [captions[n] for n in present])
-
-
-def _failed(result: object) -> bool:
-    return isinstance(result, DataError)
 
 
 def _inside(folder: Path, names: list[str], what: str) -> list[str]:

@@ -38,7 +38,9 @@ def bleu_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     ]
     out = {}
     for n in range(1, 5):
-        score = BLEU(max_ngram_order=n, tokenize="none").corpus_score(hyps, streams)
+        # sacrebleu reads None as a missing reference (metrics/base.py) though it annotates
+        # references as Sequence[Sequence[str]].
+        score = BLEU(max_ngram_order=n, tokenize="none").corpus_score(hyps, streams)  # type: ignore[arg-type]
         out[f"bleu{n}"] = score.score / 100.0
     return out
 

@@ -60,7 +60,7 @@ class Tokenizer:
         """
         words = self.split(text)
         truncated = max_len is not None and len(words) > max_len - 2
-        if truncated:
+        if max_len is not None and truncated:
             words = words[: max_len - 2]
         ids = [self.stoi.get(w, self.unk_id) for w in words]
         unknown = sum(i == self.unk_id for i in ids)

@@ -316,9 +316,14 @@ class DeviceLoader:
         self.randaugment_ops = randaugment_ops
         self.randaugment_magnitude = policy.randaugment_magnitude
         # The same order, resume point and DDP shares as make_loader's.
-        order = {"seed": seed, "shuffle": shuffle, "drop_last": drop_last}
         self.batch_sampler = EpochBatchSampler(
-            len(dataset), batch_size, rank=rank, world_size=world_size, **order
+            len(dataset),
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=drop_last,
         )
         self._augment = shuffle and policy.enabled
         # The streams of params(): crop x, crop y, flip, cutout x, cutout y, then RandAugment's;

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sized
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -98,7 +98,7 @@ def make_loader(
     :class:`DeviceLoader` is the GPU-resident alternative for in-memory image data.
     """
     sampler = EpochBatchSampler(
-        len(dataset),
+        len(cast(Sized, dataset)),  # map-style, sized: torch's Dataset type has no __len__
         batch_size,
         seed=seed,
         shuffle=shuffle,

@@ -15,7 +15,7 @@ import errno
 import os
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -203,7 +203,9 @@ def checkpoint_preprocess(ckpt: dict[str, Any]) -> Preprocess:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from (torch, CUDA, numpy, Python), as checkpoint data."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    # The legacy tuple: numpy's global RandomState is always MT19937.
+    state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
+    _, keys, pos, has_gauss, gauss = state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

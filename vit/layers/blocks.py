@@ -113,12 +113,18 @@ class DecoderBlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
-        attn_kw = dict(num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.self_attn = Attention(dim, proj_drop=proj_drop, **attn_kw)
+        self.self_attn = Attention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop
+        )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.cross_attn = CrossAttention(
-            dim, context_dim=context_dim, proj_drop=proj_drop, **attn_kw
+            dim,
+            context_dim=context_dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
         )
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = FeedForward(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -483,7 +483,8 @@ class AsymmetricPyramidNonLocal(nn.Module):
         self.to_v = nn.Conv2d(channels, value_channels, kernel_size=1)
         self.to_out = nn.Conv2d(value_channels, channels, kernel_size=1)
         nn.init.zeros_(self.to_out.weight)
-        nn.init.zeros_(self.to_out.bias)
+        # By name: the attribute .bias is typed Optional, and this convolution has one.
+        nn.init.zeros_(self.get_parameter("to_out.bias"))
         self.fuse = nn.Sequential(
             nn.Conv2d(2 * channels, channels, kernel_size=1),
             nn.BatchNorm2d(channels),
@@ -524,9 +525,10 @@ class GlobalContextBlock(nn.Module):
         self.to_logits = nn.Conv2d(channels, 1, kernel_size=1)  # W_k
         self.transform = nn.Sequential(*_bottleneck(channels, hidden, nn.LayerNorm))
         nn.init.kaiming_normal_(self.to_logits.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.to_logits.bias)
-        nn.init.zeros_(self.transform[-1].weight)
-        nn.init.zeros_(self.transform[-1].bias)
+        nn.init.zeros_(self.get_parameter("to_logits.bias"))
+        last = cast(nn.Linear, self.transform[-1])  # _bottleneck ends with a Linear
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         weights = rearrange(self.to_logits(x), "b 1 h w -> b (h w)").softmax(dim=-1)

@@ -118,8 +118,8 @@ class ConvTokenizer(nn.Module):
                 for c_in, c_out in pairwise(widths)
             )
         )
-        for stage_layers in self.conv_layers:
-            nn.init.kaiming_normal_(stage_layers[0].weight)  # CCT: fan_in, gain sqrt(2)
+        for i in range(num_layers):  # CCT: fan_in, gain sqrt(2)
+            nn.init.kaiming_normal_(self.get_parameter(f"conv_layers.{i}.0.weight"))
 
     def grid_size(self, img_size: int | tuple[int, int]) -> tuple[int, int]:
         """The (rows, columns) of the token grid for ``img_size`` (int or (H, W)) images."""

@@ -171,14 +171,15 @@ def _read_state_dict(source: Mapping[str, Tensor] | str | os.PathLike[str]) -> d
             f"{type(source).__name__}"
         )
     # Training checkpoints wrap the weights: {"model": state_dict, "optimizer": ..., ...}.
+    state: Mapping[str, Any] = source
     for wrapper in ("model", "state_dict", "model_state_dict"):
-        if isinstance(source.get(wrapper), Mapping):
-            source = source[wrapper]
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
             break
-    bad = [k for k, v in source.items() if not isinstance(v, Tensor)]
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
         raise TypeError(f"expected tensors in the state dict, but {bad[:5]} are not tensors")
-    return dict(source)
+    return dict(state)
 
 
 def _square_side(n: int) -> int | None:

@@ -4,6 +4,8 @@ name. timm is imported only when called (the caller already holds a timm model).
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from vit.models._builder import convert_timm_state_dict
@@ -116,8 +118,11 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
             + ". Build the timm model without them, or keep using timm for it."
         )
 
-    first = model.blocks[0]
-    hidden = first.mlp.fc1.out_features
+    # Every block passed the checks above: a timm Block with timm's Attention and Mlp (whose fc1
+    # is a Linear: the VisionTransformer never builds a convolutional Mlp).
+    first = cast(timm_vit.Block, model.blocks[0])
+    first_attn = cast(timm_vit.Attention, first.attn)
+    hidden = cast(nn.Linear, cast(TimmMlp, first.mlp).fc1).out_features
     mlp_ratio = hidden / dim
     if int(dim * mlp_ratio) != hidden:  # int() truncation in the block must give back `hidden`
         raise ValueError(f"cannot express an MLP width of {hidden} for width {dim} as mlp_ratio")
@@ -129,16 +134,16 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         num_classes=model.num_classes if isinstance(model.head, nn.Linear) else 0,
         embed_dim=dim,
         depth=len(model.blocks),
-        num_heads=first.attn.num_heads,
+        num_heads=first_attn.num_heads,
         mlp_ratio=mlp_ratio,
-        qkv_bias=first.attn.qkv.bias is not None,
+        qkv_bias=first_attn.qkv.bias is not None,
         pool="cls" if model.global_pool == "token" else "mean",
         pos_embed="learned",
         class_token=model.cls_token is not None,
         fc_norm=has_fc_norm,
         drop_rate=model.head_drop.p,
-        proj_drop_rate=first.attn.proj_drop.p,
-        attn_drop_rate=first.attn.attn_drop.p,
+        proj_drop_rate=first_attn.proj_drop.p,
+        attn_drop_rate=first_attn.attn_drop.p,
         drop_path_rate=(
             last.drop_path1.drop_prob if isinstance(last.drop_path1, TimmDropPath) else 0.0
         ),

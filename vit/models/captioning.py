@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,7 @@ class CaptioningTransformer(Captioner):
     """
 
     config_class = CaptionConfig
+    pos_embed: Tensor  # a buffer, (max_len, D)
 
     def __init__(self, config: CaptionConfig | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -162,7 +163,7 @@ class CaptioningTransformer(Captioner):
         ``images``: the ``layer``-th decoder block's cross-attention weights, head mean, on the
         patch grid (B, T, gh, gw). Row t is where the model looks to predict token t+1. The
         prefix columns (the class token) are dropped, so rows need not sum to one."""
-        attn = self.blocks[layer].cross_attn
+        attn = cast(DecoderBlock, self.blocks[layer]).cross_attn
         captured: list[Tensor] = []
         attn.recorder = captured.append
         try:
@@ -203,7 +204,7 @@ class CaptioningTransformer(Captioner):
 #   caption_mini_patch8_32  ours: a 96-wide, 3-deep, 4-head encoder on 8-pixel patches (4x4 = 16
 #                           tokens) + 2 decoder blocks, sized to learn the `shapes` captions in
 #                           minutes on a laptop CPU (configs/caption_shapes.yaml)
-_CAPTION_VARIANTS = {
+_CAPTION_VARIANTS: dict[str, dict[str, Any]] = {
     "caption_transformer": dict(),
     "caption_tiny_patch4_32": dict(encoder="vit_tiny_patch4_32", decoder_depth=4),
     "caption_mini_patch8_32": dict(

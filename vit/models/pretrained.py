@@ -181,7 +181,8 @@ def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
             f"the weights in {weights} do not fit its config's {spec['name']!r} "
             f"({detail.strip()}); export the checkpoint again"
         ) from None
-    model.pretrained_cfg = _pretrained_cfg(config, preprocess)
+    # torch types Module.__setattr__ values as Tensor | Module; any attribute can be set.
+    model.pretrained_cfg = _pretrained_cfg(config, preprocess)  # type: ignore[assignment]
     return model.eval(), config
 
 

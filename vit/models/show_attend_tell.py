@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -153,6 +153,36 @@ class CaptioningLSTM(Captioner):
     def _readout(self, emb: Tensor, h: Tensor, z: Tensor) -> Tensor:
         """Eq. 7 with the authors' dropout: logits (..., V) from E y_{t-1}, h_t and ẑ_t."""
         return self.head(self.drop(self.out_act(emb + self.out_h(self.drop(h)) + self.out_z(z))))
+
+    @overload
+    def decode(
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        *,
+        return_attention: Literal[False] = False,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor: ...
+
+    @overload
+    def decode(
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        *,
+        return_attention: Literal[True],
+        padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def decode(
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        *,
+        return_attention: bool = False,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]: ...
 
     def decode(
         self,

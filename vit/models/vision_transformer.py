@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -84,8 +84,8 @@ class ViTConfig:
         if self.class_token is None:
             self.class_token = self.pool == "cls"
         problems = []
-        positive = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
-        positive += ("conv_layers", "conv_kernel", "conv_channels")
+        positive = ["img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"]
+        positive += ["conv_layers", "conv_kernel", "conv_channels"]
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -302,7 +302,10 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) → logits; equal to ``forward_head(forward_features(x))``."""
-        if self.config.pool != "cls" or self.blocks[-1].attn.recorder is not None:
+        if (
+            self.config.pool != "cls"
+            or cast(EncoderBlock, self.blocks[-1]).attn.recorder is not None
+        ):
             return self.forward_head(self.forward_features(x))
         # The head reads only the class token, and no other output of the last block reaches it:
         # that block runs for the class token alone, still attending to every token. Same logits

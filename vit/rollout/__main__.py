@@ -89,7 +89,8 @@ def _run_cli(args: Any) -> None:
         raise ConfigError(f"--start-layer must be in [0, {depth}) for this {depth}-block model")
     size = preprocess.img_size
     shown = min(_DISPLAY_MAX, max(_DISPLAY_MIN, size))
-    inputs, display = [], []
+    input_list: list[torch.Tensor] = []
+    display_list: list[torch.Tensor] = []
     for path in args.images:
         im = decode_image(path)
         if im.size != (size, size):
@@ -99,10 +100,10 @@ def _run_cli(args: Any) -> None:
                 f"{size}x{size} ({how}, as in training)",
                 file=sys.stderr,
             )
-        inputs.append(preprocess.resize_image(im))  # uint8 (3, S, S)
+        input_list.append(preprocess.resize_image(im))  # uint8 (3, S, S)
         # The same crop at display resolution: the maps line up with what the model saw.
-        display.append(preprocess.resize_image(im, shown).float() / 255)
-    inputs, display = torch.stack(inputs), torch.stack(display)
+        display_list.append(preprocess.resize_image(im, shown).float() / 255)
+    inputs, display = torch.stack(input_list), torch.stack(display_list)
 
     grid, layout = model_geometry(model)
     with (
@@ -134,8 +135,8 @@ def _run_cli(args: Any) -> None:
             save_image(rollout_grid(display[i : i + 1], gated[i : i + 1]), tokenizer_out)
         conf, cls = probs[i].max(dim=0)
         name = classes[cls.item()] if cls.item() < len(classes) else str(cls.item())
-        shown = f"{display_path(args.images[i])} -> {display_path(out)}"
-        print(f"{shown} (predicted {name}, p={conf.item():.2f})")
+        written = f"{display_path(args.images[i])} -> {display_path(out)}"
+        print(f"{written} (predicted {name}, p={conf.item():.2f})")
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 

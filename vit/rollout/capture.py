@@ -5,7 +5,8 @@ a convolutional tokenizer's spatial attention (CBAM) is recorded alike."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol, cast
 
 from torch import Tensor, nn
 
@@ -25,6 +26,10 @@ def encoder_attentions(model: nn.Module) -> list[Attention]:
             f"pass a vit VisionTransformer (timm models: convert them with vit.models.from_timm)"
         )
     return found
+
+
+class _Recording(Protocol):
+    recorder: Callable[[Tensor], None] | None
 
 
 class AttentionRecord(list[Tensor]):
@@ -52,7 +57,8 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionRecord]:
     """
     modules = encoder_attentions(model)
     pools = [m for m in unwrap_model(model).modules() if isinstance(m, SequencePool)]
-    if any(m.recorder is not None for m in [*modules, *pools]):
+    recording: list[Attention | SequencePool] = [*modules, *pools]
+    if any(m.recorder is not None for m in recording):
         raise RuntimeError(
             "capture_attention is already active on this model; nesting is not supported"
         )
@@ -64,8 +70,8 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionRecord]:
             p.recorder = attentions.pool_weights.append
         yield attentions
     finally:
-        for m in [*modules, *pools]:
-            m.recorder = None
+        for module in recording:
+            module.recorder = None
 
 
 def tokenizer_attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -79,7 +85,8 @@ def tokenizer_attention_modules(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def capture_tokenizer_attention(model: nn.Module) -> Iterator[list[Tensor]]:
     """Record the tokenizer's spatial maps, (B, 1, h, w) per stage per forward, while active."""
-    modules = tokenizer_attention_modules(model)
+    # The modules with a spatial map (CBAM) take a recorder, as the encoder's attention does.
+    modules = cast("list[_Recording]", tokenizer_attention_modules(model))
     maps: list[Tensor] = []
     try:
         for m in modules:

@@ -280,7 +280,7 @@ def rollout_maps(
     joint = attention_rollout(
         attentions, head_fusion, discard_ratio, start_layer, class_token=layout["class_token"]
     )
-    size = image_size or tuple(images.shape[-2:])
+    size = image_size or (images.shape[-2], images.shape[-1])
     return rollout_to_maps(
         joint, grid, size, pool_weights=last_or_none(attentions.pool_weights), **layout
     )

@@ -48,7 +48,7 @@ def log_rollout(
     """
     inner = unwrap_model(model)
     grid, layout = model_geometry(inner)
-    size = tuple(display.shape[-2:])
+    size = (display.shape[-2], display.shape[-1])
     was_training = inner.training
     inner.eval()
     try:
@@ -61,9 +61,9 @@ def log_rollout(
     finally:
         inner.train(was_training)
     pool_weights = last_or_none([w.float().cpu() for w in attentions.pool_weights])
-    attentions = [a.float().cpu() for a in attentions]
+    weights = [a.float().cpu() for a in attentions]
     joint = attention_rollout(
-        attentions, head_fusion, discard_ratio, class_token=layout["class_token"]
+        weights, head_fusion, discard_ratio, class_token=layout["class_token"]
     )
     maps = rollout_to_maps(joint, grid, size, pool_weights=pool_weights, **layout)
     display = display.float().cpu()
@@ -78,7 +78,7 @@ def log_rollout(
         # read with the last forward's pooling weights where the model pools by sequence.
         layers = [
             rollout_to_maps(a.mean(dim=1), grid, size, pool_weights=pool_weights, **layout)
-            for a in attentions
+            for a in weights
         ]
         heat = colorize(rearrange(torch.stack(layers, dim=1), "b l h w -> (b l) h w"))
         writer.add_image(
