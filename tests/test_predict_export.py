@@ -184,10 +184,10 @@ def test_cli_outputs_parse_back_to_the_same_rows(run, tmp_path, capsys) -> None:
     base = ["--checkpoint", str(run["ckpt"]), str(run["val"]), "--topk", "3", "--device", "cpu"]
     assert predict_main(base) == 0
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
-    assert predict_main([*base, "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert predict_main([*base, "--predictions", str(tmp_path / "p.jsonl")]) == 0
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == rows
-    assert predict_main([*base, "--output", str(tmp_path / "p.csv")]) == 0
+    assert predict_main([*base, "--predictions", str(tmp_path / "p.csv")]) == 0
     with open(tmp_path / "p.csv", newline="") as f:
         table = list(csv.reader(f))
     assert table[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3"]
@@ -195,7 +195,7 @@ def test_cli_outputs_parse_back_to_the_same_rows(run, tmp_path, capsys) -> None:
         {"path": r[0], "classes": r[1::2], "probs": [float(p) for p in r[2::2]]} for r in table[1:]
     ]
     assert parsed == rows
-    assert capsys.readouterr().out == ""  # with --output nothing goes to stdout
+    assert capsys.readouterr().out == ""  # with --predictions nothing goes to stdout
 
 
 def test_unreadable_files_are_reported_and_skipped(run, tmp_path, capsys) -> None:
@@ -210,7 +210,7 @@ def test_unreadable_files_are_reported_and_skipped(run, tmp_path, capsys) -> Non
     (folder / "cut.png").write_bytes(good[0].read_bytes()[:60])  # truncated
     (folder / ".hidden.png").write_text("skipped: hidden")
     out = tmp_path / "p.jsonl"
-    assert predict_main(["--checkpoint", str(run["ckpt"]), str(folder), "--output", str(out)]) == 0
+    assert predict_main(["--checkpoint", str(run["ckpt"]), str(folder), "--predictions", str(out)]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == "2 of 4 images could not be read" and "Traceback" not in "".join(err)
     assert len(err) == 3 and any("notes.png" in e for e in err) and any("cut.png" in e for e in err)
@@ -218,7 +218,7 @@ def test_unreadable_files_are_reported_and_skipped(run, tmp_path, capsys) -> Non
     assert [Path(r["path"]).name for r in rows] == ["a.png", "caf\\xe9.png"]
 
     bad = [str(folder / "notes.png"), str(folder / "cut.png")]
-    args = ["--checkpoint", str(run["ckpt"]), *bad, "--output", str(tmp_path / "x.csv")]
+    args = ["--checkpoint", str(run["ckpt"]), *bad, "--predictions", str(tmp_path / "x.csv")]
     assert predict_main(args) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == "error: none of the 2 images could be read" and len(err) == 3
@@ -285,7 +285,7 @@ def test_captioner_export_round_trip(name, tmp_path, capsys) -> None:
         ("export without weights", "holds no weights"),
         ("topk 0", "--topk must be at least 1"),
         ("missing image", "no such file or folder"),
-        ("output format", "--output must end in .csv or .jsonl"),
+        ("output format", "--predictions must end in .csv or .jsonl"),
         ("ema of a raw export", "holds the raw training weights only; use --weights auto"),
     ],
 )
@@ -298,7 +298,7 @@ def test_bad_predict_input_is_one_line_and_exit_2(
         "caption checkpoint": ["--checkpoint", str(caption_ckpt), image],
         "topk 0": ["--checkpoint", ckpt, image, "--topk", "0"],
         "missing image": ["--checkpoint", ckpt, image, str(tmp_path / "gone.png")],
-        "output format": ["--checkpoint", ckpt, image, "--output", str(tmp_path / "p.txt")],
+        "output format": ["--checkpoint", ckpt, image, "--predictions", str(tmp_path / "p.txt")],
     }.get(case)
     if case == "caption export":
         export_checkpoint(caption_ckpt, tmp_path / "cap")

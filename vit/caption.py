@@ -1,6 +1,7 @@
-"""``python -m vit.caption --checkpoint PATH --images a.png b.jpg [--beam-size K]``.
+"""``python -m vit.caption --checkpoint CKPT|EXPORT_DIR PATH [PATH ...] [--beam-size K]``.
 
-Captions images with a checkpoint written by ``python train.py --task caption``: prints one line
+Captions image files, and the images in folders (recursively; hidden files skipped), with a
+checkpoint written by ``python train.py --task caption`` or its export folder: prints one line
 ``<image>: <caption>`` per image. Exit code 2 with a one-line message on bad input.
 """
 
@@ -14,7 +15,7 @@ import torch
 from vit.engine.checkpoint import checkpoint_preprocess, load_model
 from vit.engine.config import resolve_device
 from vit.errors import CliParser, ConfigError, DataError, UsageError, run_command
-from vit.preprocess import display_path
+from vit.preprocess import Preprocess, display_path, image_paths
 
 __all__ = ["caption_images", "main"]
 
@@ -27,8 +28,10 @@ def caption_images(
     max_len: int | None = None,
     device: str = "auto",
 ) -> list[str]:
-    """Captions of image files by the captioner in ``checkpoint`` (EMA weights when present),
-    each file preprocessed as the captioner was trained (:mod:`vit.preprocess`).
+    """Captions of image files by the captioner in ``checkpoint`` (a training checkpoint, EMA
+    weights when present, or an export folder), each file preprocessed as the captioner was
+    trained (:mod:`vit.preprocess`). Folders in ``images`` are not expanded here: pass
+    :func:`vit.preprocess.image_paths` of the command-line arguments.
 
     Raises:
         UsageError: a bad checkpoint (or one of another task), an unreadable image, a bad option.
@@ -39,17 +42,24 @@ def caption_images(
         raise ConfigError(f"--beam-size must be at least 1, got {beam_size}")
     if max_len is not None and max_len < 1:
         raise ConfigError(f"--max-len must be at least 1, got {max_len}")
-    model, ckpt = load_model(checkpoint)
-    if ckpt["task"] != "caption":
+    if Path(checkpoint).is_dir():
+        from vit.models.pretrained import read_export
+
+        model, config = read_export(checkpoint)
+        task, vocab = config["task"], config.get("vocab")
+        preprocess = Preprocess.from_dict(config["preprocess"])
+    else:
+        model, ckpt = load_model(checkpoint)
+        task, vocab = ckpt["task"], ckpt["task_state"].get("vocab")
+        preprocess = checkpoint_preprocess(ckpt) if task == "caption" else None
+    if task != "caption":
         raise UsageError(
-            f"{checkpoint} is a {ckpt['task']!r} checkpoint, not a captioner; use "
-            f"python -m vit.evaluate for it"
+            f"{checkpoint} is a {task!r} model, not a captioner; use python -m vit.predict for it"
         )
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:  # all of them in one line, before any work
         raise DataError(f"image file(s) not found: {', '.join(missing)}")
-    tokenizer = Tokenizer(ckpt["task_state"]["vocab"])
-    preprocess = checkpoint_preprocess(ckpt)
+    tokenizer = Tokenizer(vocab)
     dev = resolve_device(device)
     model.to(dev)
     batch = preprocess.normalize(torch.stack([preprocess.load(p) for p in images])).to(dev)
@@ -59,15 +69,25 @@ def caption_images(
 
 def main(argv: list[str] | None = None) -> int:
     p = CliParser(prog="python -m vit.caption", description=__doc__.split("\n\n")[1])
-    p.add_argument("--checkpoint", required=True, help="best.pt/last.pt of a caption run")
-    p.add_argument("--images", nargs="+", required=True, help="image files (any PIL format)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders of images")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="best.pt/last.pt of a caption run, or its python -m vit.export folder",
+    )
+    p.add_argument(
+        "--images", nargs="+", default=[], metavar="PATH", help="more image files or folders"
+    )
     p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
     p.add_argument("--max-len", type=int, help="most words to generate (default: the model's)")
     p.add_device()
 
     def run() -> None:
         options = vars(p.parse_args(argv))
-        paths = options.pop("images")
+        given = options.pop("paths") + options.pop("images")
+        if not given:
+            raise ConfigError(f"name the images: {p.prog} --checkpoint CKPT PATH [PATH ...]")
+        paths = image_paths(given)
         captions = caption_images(options.pop("checkpoint"), paths, **options)
         for path, caption in zip(paths, captions, strict=True):
             print(f"{display_path(path)}: {caption}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Iterable
@@ -50,13 +52,54 @@ def did_you_mean(
     return f"; did you mean {', '.join(names)}?" if close else ""
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help text as plain text: each option's default appended when its help does not state one,
+    and reStructuredText markup (``:mod:`x```, double backticks) removed from the prose."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or default in (None, False, argparse.SUPPRESS)
+            or action.option_strings == []
+            or isinstance(action, argparse._HelpAction)
+        ):
+            return text or None
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return plain_text(super()._expand_help(action))
+
+
+def plain_text(text: str) -> str:
+    """Docstring prose as plain text: ``:role:`name``` and double backticks become ``name``."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
 class CliParser(argparse.ArgumentParser):
     """argparse whose usage errors raise :class:`ConfigError`, so that every command reports them
-    the same way: one line, exit code 2 (argparse itself prints its usage block)."""
+    the same way: one line, exit code 2 (argparse itself prints its usage block). Help is plain
+    text with defaults shown, and the program is named as it was run (``vit-train`` when run as
+    the installed command)."""
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        if "prog" in kwargs:
+            kwargs["prog"] = self.program(kwargs["prog"])
         super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def program(default: str) -> str:
+        """The command's name as the user ran it: an installed ``vit-*`` script's own name,
+        otherwise ``default`` (``python train.py``, ``python -m vit.predict``)."""
+        name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        return name if name.startswith("vit-") else default
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"{message} (see {self.prog} --help)")

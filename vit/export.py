@@ -110,14 +110,15 @@ def export_config(ckpt: dict[str, Any], preprocess: Preprocess, *, used_ema: boo
 
 
 def train_command(run_config: dict[str, Any]) -> str:
-    """The ``python train.py ...`` line that sets a run's configuration: every key whose value
-    differs from :class:`~vit.engine.config.RunConfig`'s default, as its ``--option``."""
+    """The ``python train.py --config none ...`` line that sets a run's configuration whatever the
+    recipes: every key whose value differs from :class:`~vit.engine.config.RunConfig`'s default,
+    as its ``--option``."""
     import yaml
 
     from vit.engine.config import RunConfig
 
     defaults = dataclasses.asdict(RunConfig())
-    parts = ["python train.py"]
+    parts = ["python train.py", "--config", "none"]
     for key, value in run_config.items():
         if key in _NOT_IN_COMMAND or key not in defaults or value == defaults[key]:
             continue
@@ -145,7 +146,8 @@ def model_card(config: dict[str, Any], ckpt: dict[str, Any], n_params: int, out:
         what = f"an image classifier over {len(names)} classes ({shown})"
     data = f"`--data {run.get('data')}`"
     if run.get("data") not in ("synthetic", "shapes"):
-        data += f" from `{run.get('data_dir')}`"
+        data += f" from `{_local(run.get('data_dir', ''))}`"
+    out = Path(_local(out))  # the card travels with the folder: no absolute local paths
     m = config["metric"]
     if isinstance(m.get("value"), int | float):
         result = (
@@ -180,6 +182,7 @@ def model_card(config: dict[str, Any], ckpt: dict[str, Any], n_params: int, out:
         if task == "caption"
         else f"\nOr from the command line: `python -m vit.predict --checkpoint {out} IMAGES...`\n"
     )
+    typed = f"The command:\n\n```\n{ckpt['command']}\n```\n\n" if ckpt.get("command") else ""
     return f"""# {arch}
 
 {what[0].upper() + what[1:]}, a Vision Transformer (`{arch}`, {n_params:,} parameters, \
@@ -194,6 +197,8 @@ def model_card(config: dict[str, Any], ckpt: dict[str, Any], n_params: int, out:
 {result}
 
 ## How it was trained
+
+{typed}Every setting (it reproduces the run whatever the defaults and recipes of the version):
 
 ```
 {train_command(run)}
@@ -218,6 +223,18 @@ Decoded to 8-bit RGB (EXIF orientation applied), {resize} ({p.interpolation}), s
 and normalised per channel with mean ({mean}) and std ({std}): `config.json`'s `preprocess`,
 which `vit.preprocess.Preprocess.from_dict` turns back into the exact pipeline.
 """
+
+
+def _local(path: str | os.PathLike[str]) -> str:
+    """``path`` for a card that leaves this machine: relative to the working directory when it
+    lies below it, else its last component (a local absolute path says nothing elsewhere)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
 
 
 def _num(v: Any) -> str:

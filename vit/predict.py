@@ -1,15 +1,16 @@
-"""``python -m vit.predict --checkpoint CKPT|EXPORT_DIR PATH [PATH ...] [--topk K] [--output F]``.
+"""``python -m vit.predict --checkpoint CKPT|EXPORT_DIR PATH [PATH ...] [--predictions FILE]``.
 
 Classifies image files, and the images in folders (recursively; hidden files skipped), with a
 training checkpoint or an export folder, preprocessing each file exactly as training did. Prints
 one JSON line per image, ``{"path": ..., "classes": [top-k names], "probs": [top-k
-probabilities]}``, or writes them to ``--output`` (``.jsonl``, or ``.csv``: path, class_1, prob_1,
-..., class_k, prob_k). A file that cannot be read is reported on stderr and skipped: exit code 0
-when any image was classified, 2 when none was or on bad input (one line on stderr).
+probabilities]}``, or writes them to ``--predictions`` (``.jsonl``, or ``.csv``: path, class_1,
+prob_1, ..., class_k, prob_k). A file that cannot be read is reported on stderr and skipped: exit
+code 0 when any image was classified, 2 when none was or on bad input (one line on stderr).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from vit.errors import CheckpointError, CliParser, ConfigError, DataError, run_command
-from vit.preprocess import Preprocess, display_path, list_images
+from vit.preprocess import Preprocess, display_path, image_paths
 
 __all__ = ["expand_paths", "load_classifier", "main", "predict"]
 
@@ -73,23 +74,12 @@ def load_classifier(
 
 
 def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Image files and the images in folders (:func:`vit.preprocess.list_images`: recursive, by
-    extension, hidden files skipped), in the order given. A file named explicitly is kept
-    whatever its extension (a file that is not an image is reported when it is read).
+    """Image files and the images in folders: :func:`vit.preprocess.image_paths`.
 
     Raises:
         DataError: a path that does not exist, or no image at all.
     """
-    missing = [display_path(p) for p in paths if not os.path.exists(p)]
-    if missing:  # all of them in one line, before any work
-        raise DataError(f"no such file or folder: {', '.join(missing)}")
-    files: list[Path] = []
-    for p in map(Path, paths):
-        files += list_images(p) if p.is_dir() else [p]
-    if not files:
-        shown = ", ".join(display_path(p) for p in paths)
-        raise DataError(f"no image files (by extension) in {shown}")
-    return files
+    return image_paths(paths)
 
 
 def predict(
@@ -204,8 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--topk", type=int, default=5, help="classes per image (default 5; at most all classes)"
     )
-    p.add_argument("--output", help="a .csv or .jsonl file (default: JSON lines on stdout)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="write the rows to this .csv or .jsonl file instead of stdout (as python -m "
+        "vit.evaluate --predictions)",
+    )
+    p.add_argument("--output", metavar="FILE", help=argparse.SUPPRESS)  # the former name
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_device()
     p.add_weights()
     return run_command(lambda: _run(p.parse_args(argv)))
@@ -214,12 +210,19 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: Any) -> None:
     from tqdm import tqdm
 
-    out = Path(args.output) if args.output else None
+    if args.output is not None:
+        print("note: --output is deprecated; use --predictions FILE", file=sys.stderr)
+        if args.predictions is not None:
+            raise ConfigError("pass --predictions FILE alone (--output is its former name)")
+        args.predictions = args.output
+    out = Path(args.predictions) if args.predictions else None
     fmt = out.suffix.lower() if out else ".jsonl"
     if fmt not in _FORMATS:
-        raise ConfigError(f"--output must end in .csv or .jsonl, got {display_path(out)}")
+        raise ConfigError(f"--predictions must end in .csv or .jsonl, got {display_path(out)}")
     if out is not None and not out.parent.is_dir():
-        raise ConfigError(f"cannot write --output {display_path(out)}: its folder does not exist")
+        raise ConfigError(
+            f"cannot write --predictions {display_path(out)}: its folder does not exist"
+        )
     failed: list[Path] = []
 
     def skip(path: Path, error: DataError) -> None:

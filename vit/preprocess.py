@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ __all__ = [
     "Preprocess",
     "decode_image",
     "display_path",
+    "image_paths",
     "is_image_name",
     "list_images",
     "resize_image",
@@ -151,6 +153,28 @@ def list_images(root: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in filenames if is_image_name(f)]
     return sorted(found)
+
+
+def image_paths(args: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The images that command-line arguments name, in the order given: a file as it is (kept
+    whatever its extension; a file that is not an image is reported when it is read), a folder
+    as the images below it (:func:`list_images`: recursive, by extension, hidden files and
+    folders skipped). ``vit.predict``, ``vit.rollout`` and ``vit.caption`` all read their
+    image arguments through this.
+
+    Raises:
+        DataError: a path that does not exist (all of them in one line), or no image at all.
+    """
+    missing = [display_path(p) for p in args if not os.path.exists(p)]
+    if missing:  # all of them in one line, before any work
+        raise DataError(f"no such file or folder: {', '.join(missing)}")
+    files: list[Path] = []
+    for p in map(Path, args):
+        files += list_images(p) if p.is_dir() else [p]
+    if not files:
+        shown = ", ".join(display_path(p) for p in args)
+        raise DataError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in {shown}")
+    return files
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ __all__ = [
     "convert_timm_state_dict",
     "from_timm",
     "load_pretrained",
+    "pretrained_state_dict",
     "register_timm_variants",
 ]
 
@@ -108,3 +109,37 @@ def register_timm_variants() -> list[str]:
 
 
 register_timm_variants()
+
+
+def pretrained_state_dict(name: str) -> dict[str, Any]:
+    """timm's pretrained weights of model ``name`` (``timm.create_model(name, pretrained=True)``,
+    from the Hugging Face cache or downloaded into it), as a state dict on the CPU.
+
+    Raises:
+        ConfigError: timm has no such model, or no pretrained weights for it, or they are neither
+            cached nor downloadable (offline): the message says how to pass a file instead.
+    """
+    import timm
+
+    from vit.errors import ConfigError, did_you_mean
+
+    if not timm.is_model(name):
+        hint = did_you_mean(name, timm.list_models(), n=1)
+        raise ConfigError(f"--init-from timm:{name}: timm has no model {name!r}{hint}")
+    if not (timm.list_pretrained(name) or timm.list_pretrained(f"{name}.*")):
+        raise ConfigError(
+            f"--init-from timm:{name}: timm has no pretrained weights for {name!r} "
+            f"(see timm.list_pretrained())"
+        )
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as e:  # huggingface_hub's and requests' errors have no common base
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"--init-from timm:{name}: timm's pretrained weights are not cached here and could "
+            f"not be downloaded ({reason[:120]}); on a machine with network run python -c "
+            f"\"import timm, safetensors.torch as s; s.save_file(timm.create_model('{name}', "
+            f"pretrained=True).state_dict(), '{name}.safetensors')\" and pass --init-from "
+            f"{name}.safetensors"
+        ) from None
+    return model.state_dict()

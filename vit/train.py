@@ -8,22 +8,33 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 
-from vit.engine.checkpoint import CheckpointSaveError
 from vit.engine.config import parse_args
-from vit.engine.distributed import leave_process_group
-from vit.engine.trainer import Diverged, Interrupted, train
-from vit.errors import UsageError
+from vit.errors import CliParser, UsageError
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, train, print the result as one JSON line; returns the exit code."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
     try:
-        cfg = parse_args(argv)
-        result = train(cfg)
+        notes: list[str] = []
+        cfg = parse_args(argv, notes)  # before importing torch: --help answers at once
+        # The command as the user typed it, for the export's model card.
+        typed = sys.argv[1:] if argv is None else list(argv)
+        command = " ".join([CliParser.program("python train.py"), *map(shlex.quote, typed)])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from vit.engine.checkpoint import CheckpointSaveError
+    from vit.engine.distributed import leave_process_group
+    from vit.engine.trainer import Diverged, Interrupted, train
+
+    try:
+        result = train(cfg, command=command, notes=notes)
     except UsageError as e:
         leave_process_group(agreed=False)
         print(f"error: {e}", file=sys.stderr)
@@ -37,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum
     leave_process_group(agreed=True)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process:
         print(json.dumps(result))
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from vit.data.transforms import A, reseed, sample_seed
 from vit.errors import DataError
@@ -179,10 +181,16 @@ def cifar10(data_dir: str | Path, *, train: bool) -> tuple[Tensor, Tensor, list[
     try:
         ds = CIFAR10(root, train=train, download=False)
     except RuntimeError:
+        created = [p for p in (root, *root.parents) if not p.exists()]
         try:
             root.mkdir(parents=True, exist_ok=True)
             ds = CIFAR10(root, train=train, download=True)
         except (OSError, RuntimeError) as e:  # URLError is an OSError
+            for folder in created:  # no empty data folder left behind by a failed download
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
             raise DataError(
                 f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}: {e}). "
                 f"Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it "
@@ -270,8 +278,19 @@ def image_folder(
     if cached is not None:
         return torch.from_numpy(cached), torch.from_numpy(label_array), classes
     preprocess = Preprocess(img_size)
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        images = np.stack([t.permute(1, 2, 0).numpy() for t in pool.map(preprocess.load, files)])
+    shown = display_path(root)
+    if not sys.stderr.isatty():  # a log gets one line instead of the bar
+        print(f"decoding {len(files):,} images of {shown} (cached for next time)", file=sys.stderr)
+    bar = tqdm(
+        total=len(files), desc=f"decoding {shown}", unit="img", file=sys.stderr, disable=None,
+        delay=0.5, leave=False,
+    )  # fmt: skip
+    with bar, ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        decoded = []
+        for t in pool.map(preprocess.load, files):
+            decoded.append(t.permute(1, 2, 0).numpy())
+            bar.update()
+        images = np.stack(decoded)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")

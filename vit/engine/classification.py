@@ -108,6 +108,8 @@ class ClassificationTask(Task):
         from vit import data
 
         root = Path(self.cfg.data_dir)
+        if which != "train" and "classes" in self.state and not (root / "train").is_dir():
+            return self._held_out_only(root, which)
         if not (root / "train").is_dir():
             raise data.DataError(
                 f"--data imagefolder expects {root}/train/<class>/<image> (optional {root}/val or "
@@ -149,6 +151,25 @@ class ClassificationTask(Task):
             train=[files[i] for i in train_idx.tolist()], val=[files[i] for i in val_idx.tolist()]
         )
         return self._loaded[which]
+
+    def _held_out_only(self, root: Path, which: str) -> tuple[Tensor, Tensor, list[str], None]:
+        """Evaluation of a trained model on ``root/val`` (or ``root/test``) without a
+        ``root/train``: the class list is the checkpoint's."""
+        from vit import data
+
+        folder = root / which
+        if which == "val" and not folder.is_dir():
+            folder = root / "test"
+        if not folder.is_dir():
+            raise data.DataError(
+                f"{root} has no {which}/ folder (nor train/ to split one from); pass the folder "
+                f"that holds {which}/<class>/<image>"
+            )
+        x, y, classes = data.image_folder(
+            folder, img_size=self.cfg.img_size, cache_dir=self.cfg.cache_dir or None
+        )
+        self.paths[which] = data.list_image_folder(folder)[0]
+        return x, y, classes, None
 
     def build_dataset(self, split: Literal["train", "val", "test"]) -> Dataset:
         from vit import data

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from vit.errors import CliParser, ConfigError, did_you_mean
 
+# torch is imported where it is used, so `python train.py --help` answers in a fraction of a second.
 if typing.TYPE_CHECKING:
+    import torch
+
     from vit.data.transforms import AugmentPolicy
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "make_config",
     "parse_args",
     "resolve_device",
+    "resolve_threads",
 ]
 
 
@@ -57,7 +59,11 @@ class RunConfig:
     task_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "options of the task itself (see its docs)"}
     )
-    epochs: int = _opt(10, "epochs (with --time-limit: the most epochs the schedule may take)")
+    epochs: int = _opt(
+        10,
+        "epochs; with a --time-limit from a config file, the most the schedule may take (a "
+        "--time-limit given on the command line without --epochs lifts this cap)",
+    )
     batch_size: int = _opt(128, "images per optimiser step")
     optimizer: Literal["adamw", "muon"] = _opt(
         "adamw",
@@ -82,8 +88,8 @@ class RunConfig:
     init_from: str = _opt(
         "",
         "start from these weights: a vit checkpoint or export folder, a timm or .safetensors "
-        "state dict (position embedding and patch kernel resampled, head replaced when the "
-        "classes differ)",
+        "state dict, or timm:NAME (timm's pretrained weights of NAME); position embedding and "
+        "patch kernel resampled, head replaced when the classes differ",
     )
     grad_clip: float = _opt(1.0, "clip the gradient norm to this; 0 = off")
     label_smoothing: float = _opt(0.1, "label smoothing (also applied to mixup targets)")
@@ -107,7 +113,11 @@ class RunConfig:
     compile: bool = _opt(False, "torch.compile the model")
     channels_last: bool = _opt(True, "channels-last memory format for images and conv weights")
     workers: int = _opt(0, "DataLoader worker processes (--loader cpu)")
-    threads: int = _opt(0, "CPU threads of torch (set_num_threads); 0 = torch's default")
+    threads: int = _opt(
+        0,
+        "CPU threads of torch; 0 = half the cores (at most 8): on a busy 2-core machine torch's "
+        "all-core default took 176 s where one thread took 39 s",
+    )
     loader: Literal["auto", "cpu", "device"] = _opt(
         "auto",
         "cpu: DataLoader + albumentations; device: images and the whole augmentation policy on "
@@ -120,7 +130,11 @@ class RunConfig:
     overwrite: bool = _opt(
         False, "start over: remove the files of a run already in --out-dir (never with --resume)"
     )
-    time_limit: float = _opt(0.0, "minutes: fit warmup+cosine+final eval into this; 0 = off")
+    time_limit: float = _opt(
+        0.0,
+        "minutes: fit warmup+cosine+final eval into this, counting the time before a resume; "
+        "0 = off",
+    )
     val_every: int = _opt(
         1, "epochs between validations and checkpoints (the last epoch always validates)"
     )
@@ -227,7 +241,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
 
 def _unknown_key(key: str, known: list[str]) -> ConfigError:
     hint = did_you_mean(key, known, quote=False)
-    return ConfigError(f"unknown config key {key!r}{hint} (see python train.py --help)")
+    prog = CliParser.program("python train.py")
+    return ConfigError(f"unknown config key {key!r}{hint} (see {prog} --help)")
 
 
 def make_config(values: dict[str, Any]) -> RunConfig:
@@ -266,8 +281,16 @@ def make_config(values: dict[str, Any]) -> RunConfig:
             f"grad_accum_steps {cfg.grad_accum_steps} must divide the batch of each process "
             f"({cfg.batch_size // world})"
         )
-    if cfg.init_from and not Path(cfg.init_from).exists():
-        raise ConfigError(f"--init-from {cfg.init_from}: no such file or folder")
+    if cfg.init_from.startswith("timm:"):
+        if not cfg.init_from.removeprefix("timm:"):
+            raise ConfigError(
+                "--init-from timm:NAME needs a timm model name, e.g. timm:vit_tiny_patch16_224"
+            )
+    elif cfg.init_from and not Path(cfg.init_from).exists():
+        raise ConfigError(
+            f"--init-from {cfg.init_from}: no such file or folder (timm's pretrained weights: "
+            f"--init-from timm:NAME)"
+        )
     cfg.augment_policy().check(cfg.img_size)  # before any image is decoded
     if not cfg.out_dir:
         cfg.out_dir = str(Path("runs") / f"{cfg.task}-{cfg.data}")
@@ -311,43 +334,183 @@ def _yaml_mapping(text: str) -> dict[str, Any]:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """``--config FILE`` plus one option per :class:`RunConfig` field (``--data-dir``, ...)."""
+# The option groups of --help, in docs/training.md's order; every field is in exactly one.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "data": (
+        "task", "data", "data_dir", "cache_dir", "val_fraction", "img_size", "synthetic_train",
+        "synthetic_val", "loader", "workers",
+    ),
+    "model": ("model", "model_args", "task_args", "init_from", "drop_path", "layer_decay"),
+    "optimisation": (
+        "batch_size", "optimizer", "lr", "min_lr", "weight_decay", "beta2", "grad_clip",
+        "grad_accum_steps", "label_smoothing", "ema", "ema_decay",
+    ),
+    "augmentation": (
+        "crop_padding", "hflip", "randaugment_ops", "randaugment_magnitude", "cutout", "mixup",
+        "cutmix", "tta_hflip",
+    ),
+    "schedule": ("epochs", "warmup_epochs", "time_limit", "val_every", "seed"),
+    "precision and devices": ("amp", "device", "compile", "channels_last", "threads"),
+    "run directory": ("out_dir", "resume", "overwrite", "save_every"),
+    "logging": (
+        "log_every", "rollout_every", "rollout_images", "rollout_head_fusion",
+        "rollout_discard_ratio", "rollout_per_layer",
+    ),
+}  # fmt: skip
+# --task and --data choices, spelled out so --help needs no import of the tasks (and torch);
+# tests/test_cli.py checks them against the tasks' own lists.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("classify", "caption"),
+    "data": ("synthetic", "cifar10", "imagefolder", "shapes", "flickr8k", "coco"),
+}
+_DATA_OF_TASK = {"classify": "synthetic, cifar10, imagefolder", "caption": "shapes, flickr8k, coco"}
+
+_RECIPE_HELP = """\
+Without --config, a measured recipe is chosen by --task, --data and the device (its values,
+then your options, over the defaults below):
+  synthetic          configs/synthetic.yaml: top-1 1.00 in ~15 s on 2 CPU cores
+  cifar10 on a CPU   configs/cifar10_cpu_30min.yaml: ~80% top-1 in 30 min on 2 cores
+  cifar10 on a GPU   configs/cifar10_gpu_10min.yaml: ~88% top-1 in 10 min on an H100
+  imagefolder        configs/imagefolder_cpu.yaml: a CPU-sized ViT at 64 px, 5 minutes
+  caption, shapes    configs/caption_shapes.yaml: BLEU-4 0.945 in 8 min on 2 CPU cores
+--config none: the defaults below alone. Results and commands: docs/benchmarks.md."""
+
+
+def build_parser(prog: str = "python train.py") -> argparse.ArgumentParser:
+    """``--config FILE`` plus one option per :class:`RunConfig` field (``--data-dir``, ...),
+    grouped as :data:`GROUPS`."""
     p = CliParser(
-        prog="python train.py",
+        prog=prog,
+        usage="%(prog)s [--config FILE|auto|none] [--data NAME] [--OPTION VALUE ...]",
         description="Train a Vision Transformer. Options override the --config file.",
+        epilog=_RECIPE_HELP,
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--config", help="YAML file of config keys (see configs/)")
-    for f in dataclasses.fields(RunConfig):
-        tp = _fields()[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {f.default!r})"}
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is Literal:
-            kw["choices"] = typing.get_args(tp)
-        elif typing.get_origin(tp) is dict:
-            kw["type"], kw["help"] = _yaml_mapping, f.metadata["help"]
-        else:
-            kw["type"] = tp
-        p.add_argument(flag, dest=f.name, **kw)
+    p.add_argument(
+        "--config",
+        metavar="FILE|auto|none",
+        help="YAML file of config keys (see configs/); auto: the measured recipe for --data and "
+        "the device (below); none: the built-in defaults (default: auto)",
+    )
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    hints = _fields()
+    for title, names in GROUPS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            f, tp = fields[name], hints[name]
+            flag = "--" + name.replace("_", "-")
+            text = f.metadata["help"]
+            if name == "data":
+                text += f" ({'; '.join(f'{t}: {d}' for t, d in _DATA_OF_TASK.items())})"
+            kw: dict[str, Any] = {"help": f"{text} (default: {_shown(f.default)})"}
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is Literal:
+                kw["choices"] = typing.get_args(tp)
+            elif typing.get_origin(tp) is dict:
+                kw["type"], kw["help"] = _yaml_mapping, text
+            else:
+                kw["type"] = tp
+            if name in CHOICES:
+                kw["choices"] = CHOICES[name]
+            group.add_argument(flag, dest=name, **kw)
     return p
 
 
-def parse_args(argv: list[str] | None) -> RunConfig:
-    """Command line (and its ``--config`` file) → validated :class:`RunConfig`."""
-    parser = build_parser()
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return repr(value) if value == "" else str(value)
+
+
+def parse_args(argv: list[str] | None, notes: list[str] | None = None) -> RunConfig:
+    """Command line (and its ``--config`` file, or the recipe :func:`pick_recipe` chooses
+    without one) → validated :class:`RunConfig`. ``notes`` receives the lines to show the user:
+    which recipe was chosen, and a time limit that lifts the epoch cap.
+
+    A ``--time-limit`` on the command line without ``--epochs`` lifts the cap of the config's
+    ``epochs`` (``epochs`` becomes its upper bound): the schedule then fills the limit.
+    """
+    parser = build_parser(prog=CliParser.program("python train.py"))
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         opts = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
         hint = did_you_mean(bad.split("=")[0], opts, quote=False)
-        raise ConfigError(f"unknown option {bad!r}{hint} (see python train.py --help)")
+        raise ConfigError(f"unknown option {bad!r}{hint} (see {parser.prog} --help)")
     cli = vars(ns)
-    values = load_config(cli.pop("config")) if "config" in cli else {}
+    notes = notes if notes is not None else []
+    source = cli.pop("config", "auto")
+    if source == "none":
+        values: dict[str, Any] = {}
+    elif source == "auto":
+        values = {}
+        recipe = pick_recipe(
+            cli.get("task", "classify"), cli.get("data", "synthetic"), cli.get("device", "auto")
+        )
+        if recipe is not None:
+            path, line = recipe
+            values = load_config(path)
+            notes.append(f"{line}: {_relative(path)} (--config FILE or --config none to choose)")
+    else:
+        values = load_config(source)
+    if "time_limit" in cli and "epochs" not in cli and cli["time_limit"] > 0:
+        cli["epochs"] = _AT_MOST["epochs"]
+        notes.append(
+            f"--time-limit {cli['time_limit']:g} without --epochs: the schedule fills the time "
+            f"limit (pass --epochs N to cap it)"
+        )
     return make_config({**values, **cli})
+
+
+# (task, data, device or None for any) → (recipe file under configs/, the line naming it)
+RECIPES: dict[tuple[str, str, str | None], tuple[str, str]] = {
+    ("classify", "synthetic", None): ("synthetic.yaml", "{dev}, synthetic data: top-1 1.00, ~15 s"),
+    ("classify", "cifar10", "cpu"): ("cifar10_cpu_30min.yaml", "CPU, CIFAR-10: ~80% in 30 min"),
+    ("classify", "cifar10", "cuda"): ("cifar10_gpu_10min.yaml", "GPU, CIFAR-10: ~88% in 10 min"),
+    ("classify", "imagefolder", None): (
+        "imagefolder_cpu.yaml", "{dev}, image folder: a CPU-sized ViT at 64 px, 5 min"
+    ),
+    ("caption", "shapes", None): ("caption_shapes.yaml", "{dev}, shapes captions: BLEU-4 0.945"),
+}  # fmt: skip
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def pick_recipe(task: str, data: str, device: str) -> tuple[Path, str] | None:
+    """The measured recipe for ``task`` on ``data`` and ``device`` (``auto``: CUDA when present):
+    ``(config file, a line naming it)``, or ``None`` when there is none (or the package was
+    installed without its ``configs/`` folder)."""
+    if not any(t == task and d == data for t, d, _ in RECIPES):
+        return None
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    found = RECIPES.get((task, data, device)) or RECIPES.get((task, data, None))
+    if found is None or not (CONFIGS_DIR / found[0]).is_file():
+        return None
+    name, line = found
+    return CONFIGS_DIR / name, line.format(dev="GPU" if device == "cuda" else "CPU")
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def resolve_threads(threads: int, local_world_size: int = 1) -> int:
+    """``--threads``: ``0`` = half the CPU cores this process may use (at most 8, at least 1),
+    shared by the processes of one machine under DDP. torch's default (every core) is the
+    slowest choice on a busy machine: the quick start took 176 s with it and 39 s with one
+    thread on a 2-core machine running other jobs (docs/benchmarks.md)."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // 2) // max(1, local_world_size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +518,8 @@ def parse_args(argv: list[str] | None) -> RunConfig:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

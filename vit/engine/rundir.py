@@ -36,7 +36,9 @@ __all__ = [
     "check_out_dir",
     "check_resume",
     "make_out_dir",
+    "new_folders",
     "read_metrics",
+    "remove_empty",
     "resume_changes",
     "write_config",
 ]
@@ -134,6 +136,27 @@ def make_out_dir(cfg: RunConfig) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"--out-dir {out} is not writable; choose another --out-dir")
     return out
+
+
+def new_folders(path: Path) -> list[Path]:
+    """The folders that creating ``path`` would make: ``path`` and its missing parents, deepest
+    first (for :func:`remove_empty`)."""
+    path = Path(path)
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty: a run that stopped before
+    writing anything leaves no folders behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): keep it and its parents
+            return
 
 
 def check_out_dir(cfg: RunConfig) -> Path | None:

@@ -83,13 +83,14 @@ def fit_to_time(
     steps_per_epoch: int,
     val_every: int,
     max_steps: int,
-) -> None:
+) -> int:
     """Size the schedule (``--time-limit``) so the remaining steps, every ``val_every`` epochs'
     validation and checkpoint (``epoch_end`` seconds each) and the final one end ``margin``
     seconds before ``seconds_left`` runs out; at most ``max_steps``. The warmup stays within the
-    first fifth."""
+    first fifth. Returns the step count the time would allow before the ``max_steps`` cap."""
     per_step = step_time + epoch_end / (steps_per_epoch * val_every)
     budget = seconds_left - margin - epoch_end
     steps = max(p.step + 1, p.step + int(budget / per_step))
     p.total_steps = min(steps, max_steps)
     p.warmup_steps = min(p.warmup_steps, p.total_steps // 5)
+    return steps

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from vit.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vit.engine.config import RunConfig
+from vit.engine.config import RunConfig, resolve_threads
 from vit.engine.distributed import init_distributed
 from vit.engine.loader import WaitClock, build_loader, use_device_loader
 from vit.engine.optim import build_optimizer
@@ -48,7 +48,9 @@ from vit.engine.rundir import (
     check_out_dir,
     check_resume,
     make_out_dir,
+    new_folders,
     read_metrics,
+    remove_empty,
     write_config,
 )
 from vit.engine.schedule import Progress, extend, fit_to_time, scheduled_lr
@@ -73,11 +75,14 @@ class Interrupted(RuntimeError):
 class Trainer:
     """One training run: ``Trainer(cfg).fit()`` returns the final validation metrics."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, command: str = "") -> None:
         self.t_start = time.monotonic()
-        if cfg.threads:
-            # Small models on a CPU run several times faster on one thread than on all cores.
-            torch.set_num_threads(cfg.threads)
+        self.command = command  # as typed, for the model card (vit.export)
+        # Small models on a CPU run several times faster on few threads than on all the cores of
+        # a busy machine (resolve_threads).
+        torch.set_num_threads(
+            resolve_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        )
         self.cfg = cfg
         self.rank, self.world_size, self.device = init_distributed(cfg)
         self.is_main = self.rank == 0  # logs, checkpoints and the progress bar are rank 0's
@@ -105,7 +110,7 @@ class Trainer:
             )
         self.model = self.task.build_model()
         if cfg.init_from and ckpt is None:  # a resumed run continues from its own weights
-            self._init_from(Path(cfg.init_from))
+            self._init_from(cfg.init_from)
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -145,6 +150,8 @@ class Trainer:
         warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), total)
         self.progress = Progress(total_steps=total, warmup_steps=warmup)
         self.last_metrics: dict[str, Any] = {}  # a checkpoint restores them
+        # Training seconds of the processes before this one (--time-limit counts them).
+        self.elapsed_before = float(ckpt.get("elapsed", 0.0)) if ckpt is not None else 0.0
         if ckpt is not None:
             self._restore(ckpt, resume)
             self._extend(ckpt)
@@ -167,6 +174,7 @@ class Trainer:
         self._stop = False  # under DDP: some rank was signalled (agreed at each step)
         self._data_clock = WaitClock()
         self._unchecked: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm)
+        self._cap_said = False  # the "--epochs caps the time limit" line is said once
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -179,15 +187,20 @@ class Trainer:
             return last if last.is_file() and not cfg.overwrite else None
         return Path(cfg.resume) if cfg.resume else None
 
-    def _init_from(self, path: Path) -> None:
+    def _init_from(self, path: str) -> None:
         """Fine-tuning: ``path``'s weights through :func:`vit.models.load_pretrained`
         (position embedding and patch kernel resampled, a head of other classes replaced; a
         captioner's encoder for a captioner); its notes are printed once (rank 0)."""
         from vit.models._builder import load_pretrained, logger
 
+        source: Any = path
+        if str(path).startswith("timm:"):
+            from vit.timm_interop import pretrained_state_dict
+
+            source = pretrained_state_dict(str(path).removeprefix("timm:"))
         logger.disabled = True  # the notes are printed below, by rank 0 alone
         try:
-            report = load_pretrained(getattr(self.model, "encoder", self.model), path)
+            report = load_pretrained(getattr(self.model, "encoder", self.model), source)
         except (TypeError, ValueError) as e:  # CheckpointError is a ValueError
             raise CheckpointError(f"--init-from {path}: {e}") from None
         finally:
@@ -211,6 +224,8 @@ class Trainer:
             "rng": self._rng_states(),
             "world_size": self.world_size,
             "metrics": self.last_metrics,
+            "elapsed": self.elapsed_before + time.monotonic() - self.t_start,
+            "command": self.command,
         }
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
@@ -379,9 +394,12 @@ class Trainer:
             per_sample = step_time / cfg.batch_size
             n_params = sum(t.numel() for t in self.model.parameters())
             epoch_end = len(self.val_set) * per_sample / 3 + 0.2 + n_params * 16 / 200e6
-        fit_to_time(
+        before = p.total_steps
+        wanted = fit_to_time(
             p,
-            seconds_left=cfg.time_limit * 60 - (time.monotonic() - self.t_start),
+            seconds_left=cfg.time_limit * 60
+            - self.elapsed_before
+            - (time.monotonic() - self.t_start),
             margin=0.03 * cfg.time_limit * 60 + 2.0,
             step_time=step_time,
             epoch_end=epoch_end,
@@ -394,12 +412,20 @@ class Trainer:
             sched = torch.tensor([p.total_steps, p.warmup_steps], device=self.device)
             torch.distributed.broadcast(sched, 0)
             p.total_steps, p.warmup_steps = sched.tolist()
-        if not self.is_main:
-            return
+        if not self.is_main or p.total_steps == before:
+            return  # one line whenever the plan changes
+        capped = ""
+        if wanted > p.total_steps and not self._cap_said:
+            self._cap_said = True
+            capped = (
+                f"; --epochs {cfg.epochs} caps it (the limit would fit {wanted} steps): pass "
+                f"more --epochs, or --time-limit alone, to use the whole limit"
+            )
         print(
-            f"time limit {cfg.time_limit:g} min: {step_time * 1e3:.0f} ms/step, "
-            f"{epoch_end:.1f} s per epoch end → "
-            f"{p.total_steps} steps ({p.total_steps / self.steps_per_epoch:.1f} epochs)",
+            f"plan: {before} → {p.total_steps} steps "
+            f"({p.total_steps / self.steps_per_epoch:.1f} epochs) to end within --time-limit "
+            f"{cfg.time_limit:g} min ({step_time * 1e3:.0f} ms/step, {epoch_end:.1f} s per "
+            f"epoch end){capped}",
             file=sys.stderr,
         )
 
@@ -476,19 +502,30 @@ class Trainer:
                     file=sys.stderr,
                 )
                 return self.last_metrics
+            if self.resumed_from is not None:
+                print(
+                    f"resumed from step {p.step} of {p.total_steps} (epoch {p.epoch + 1}) "
+                    f"of {self.resumed_from}",
+                    file=sys.stderr,
+                )
         writer = self._open_logs() if self.is_main else None
         sampler = self.train_loader.batch_sampler
         # --time-limit: fit the schedule from steps 2-12 (step 0 pays for torch.compile), then
         # again at each epoch end in the first 90% of it, from the steps since the last fit and
         # the last measured validation and checkpoint time, so a machine that slows down midway
-        # still ends on time. A resumed run keeps its schedule.
-        timed = cfg.time_limit > 0 and self.resumed_from is None
+        # still ends on time. A resumed run is fitted again to the time its predecessors left.
+        timed = cfg.time_limit > 0
         fit_at = p.step + 12 if timed else -1
         t_fit, step_fit, epoch_end = None, 0, None
         quiet = not sys.stderr.isatty()
         bar = None
         self.model.train()
         self.t_train = time.monotonic()
+        # Without a terminal (a log file, a job scheduler, CI) a line per epoch, and within a
+        # long epoch one a minute at a log step, instead of the bar.
+        lines = quiet and self.is_main
+        self._line_at, self._line_step = self.t_train, p.step
+        self._first_step, stats = p.step, None
         try:
             with self._catch_signals():
                 while p.step < p.total_steps:
@@ -521,12 +558,16 @@ class Trainer:
                             stats["data_wait"] = self._data_clock.take() / (now - t_log)
                             t_log, seen = now, 0
                             self._log(writer, "train", stats)
+                            if lines and now - self._line_at >= 60:
+                                self._progress_line(stats)
                         if cfg.save_every and p.step % cfg.save_every == 0:
                             self.save()
                         self._check_signal()
                         if p.step >= p.total_steps:
                             break
                     bar.close()
+                    if lines and stats is not None:
+                        self._progress_line(stats)
                     t_end = time.monotonic()
                     if self._end_epoch(writer):
                         epoch_end = time.monotonic() - t_end
@@ -550,6 +591,23 @@ class Trainer:
                 writer.close()
                 self._metrics_file.close()
         return self.last_metrics
+
+    def _progress_line(self, stats: dict[str, Any]) -> None:
+        """One progress line on stderr: step, loss, lr, images/s since the last line, elapsed
+        and estimated remaining time (from this process's steps so far)."""
+        p, now = self.progress, time.monotonic()
+        steps = p.step - self._line_step
+        rate = steps * self.cfg.batch_size / max(now - self._line_at, 1e-9)
+        per_step = (now - self.t_train) / max(1, p.step - self._first_step)
+        left = (p.total_steps - p.step) * per_step
+        epochs = math.ceil(p.total_steps / self.steps_per_epoch)
+        print(
+            f"epoch {p.epoch + (p.batch_in_epoch > 0)}/{epochs} step {p.step}/{p.total_steps}: "
+            f"loss {float(stats['loss']):.4f}, lr {float(stats['lr']):.2e}, {rate:.0f} images/s, "
+            f"{_duration(now - self.t_start)} elapsed, ~{_duration(left)} left",
+            file=sys.stderr,
+        )
+        self._line_at, self._line_step = now, p.step
 
     def _end_epoch(self, writer: Any) -> bool:
         """Count the epoch; every ``val_every`` epochs and at the end, validate, log and save.
@@ -581,6 +639,16 @@ class Trainer:
         return True
 
 
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def _fmt(value: float) -> str:
     """A metric for the progress line: four decimals, so 1.0000 and 0.9660 line up."""
     return f"{value:.4f}"
@@ -593,18 +661,28 @@ def _hparams(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+def train(cfg: RunConfig, command: str = "", notes: Sequence[str] = ()) -> dict[str, Any]:
     """Run a training; returns the final validation metrics plus the best primary metric. The
-    run directory is locked for the run's life (by rank 0 under DDP).
+    run directory is locked for the run's life (by rank 0 under DDP); a run that stops before
+    writing anything leaves no folder behind. ``command``: the command line as typed, kept in
+    the checkpoints for the export's model card; ``notes``: lines to print once the run is set
+    up (which recipe it follows), so that bad input still answers with one line.
 
     Raises:
         UsageError: bad input (config, data, checkpoint, a run directory in use).
         Diverged, Interrupted, CheckpointSaveError: see :func:`vit.train.main`.
     """
     main_process = int(os.environ.get("RANK", "0")) == 0
-    with RunLock(make_out_dir(cfg)) if main_process else contextlib.nullcontext():
-        trainer = Trainer(cfg)
-        metrics = trainer.fit()
+    created = new_folders(Path(cfg.out_dir)) if main_process else []
+    try:
+        with RunLock(make_out_dir(cfg)) if main_process else contextlib.nullcontext():
+            trainer = Trainer(cfg, command)
+            for note in notes if main_process else ():
+                print(note, file=sys.stderr)
+            metrics = trainer.fit()
+    except BaseException:
+        remove_empty(created)  # a run that never started leaves no empty run folder
+        raise
     p = trainer.progress
     return {
         **metrics,

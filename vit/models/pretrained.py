@@ -81,11 +81,20 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, config
     record.setdefault("vit_version", __version__)
     tmp = out / f".{WEIGHTS_NAME}.tmp"
     save_model(model, str(tmp), metadata={"format": "pt"})  # "pt": what the Hub's loaders expect
+    # safetensors creates its file 0600; the folder's other files follow the umask, and so must
+    # this one, or an export shared with others cannot be read.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out / WEIGHTS_NAME)
     tmp = out / f".{CONFIG_NAME}.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, out / CONFIG_NAME)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    return mask
 
 
 def read_export_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
