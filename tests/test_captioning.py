@@ -4,6 +4,7 @@ search, the tokenizer, caption datasets and bad input, and a tiny run through th
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -571,9 +572,27 @@ def test_caption_cli(tmp_path, capsys) -> None:
     assert caption_main(["--checkpoint", ckpt, "--images", *paths, "--beam-size", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ")[0] for line in lines] == paths
+    # The convention of vit.predict: files and folders (recursively), a checkpoint or an export.
+    from vit.export import main as export_main
+
+    folder = tmp_path / "scenes"
+    (folder / "more").mkdir(parents=True)
+    for i, path in enumerate(paths):
+        Path(path).replace(folder / ("more" if i else ".") / Path(path).name)
+    assert export_main(["--checkpoint", ckpt, "--out-dir", str(tmp_path / "export")]) == 0
+    capsys.readouterr()
+    assert caption_main(["--checkpoint", str(tmp_path / "export"), str(folder)]) == 0
+    from_folder = capsys.readouterr().out.strip().splitlines()
+    # Both images, found recursively (sorted), each with the caption the checkpoint gave it.
+    assert [line.split(": ")[0] for line in from_folder] == [
+        str(folder / "more" / "scene1.png"),
+        str(folder / "scene0.png"),
+    ]
+    by_name = {Path(line.split(": ")[0]).name: line.split(": ")[1] for line in lines}
+    assert {Path(x.split(": ")[0]).name: x.split(": ")[1] for x in from_folder} == by_name
     assert caption_main(["--checkpoint", ckpt, "--images", str(tmp_path / "nope.png")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: image file(s) not found") and err.count("\n") == 1
+    assert err.startswith("error: no such file or folder") and err.count("\n") == 1
 
 
 def test_caption_task_refuses_bad_config(tmp_path, capsys) -> None:

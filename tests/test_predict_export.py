@@ -119,13 +119,18 @@ def test_model_card_says_what_and_how(run) -> None:
     assert "EMA weights" in card and "from vit.models import from_pretrained" in card
     assert f"top1 = {ckpt['metrics']['top1']:.4f}" in card
     assert "`--data imagefolder`" in card and "blue, green, red" in card
-    command = next(line for line in card.splitlines() if line.startswith("python train.py"))
-    assert command == train_command(ckpt["config"])
-    # The card's command sets exactly the run's configuration.
+    # The command as it was typed, then every setting.
+    typed, command = (line for line in card.splitlines() if line.startswith("python train.py"))
+    assert typed == ckpt["command"] and typed.startswith("python train.py --data imagefolder")
+    # Outside the typed command, local absolute paths are shown by their last component.
+    paths = {k: Path(v).name for k, v in ckpt["config"].items() if k.endswith("_dir") and v}
+    assert command == train_command({**ckpt["config"], **paths})
+    assert str(run["root"]) not in card.replace(typed, "")
+    # The card's command sets exactly the run's configuration (the paths aside).
     from vit.engine.config import parse_args
 
     rebuilt = parse_args(shlex.split(command)[2:])
-    assert {**vars(rebuilt), "resume": ""} == {**ckpt["config"], "resume": ""}
+    assert {**vars(rebuilt), "resume": "", **paths} == {**ckpt["config"], "resume": "", **paths}
     assert (
         "--ema" in command and "--model-args '{embed_dim: 16, depth: 1, num_heads: 2}'" in command
     )
@@ -210,7 +215,10 @@ def test_unreadable_files_are_reported_and_skipped(run, tmp_path, capsys) -> Non
     (folder / "cut.png").write_bytes(good[0].read_bytes()[:60])  # truncated
     (folder / ".hidden.png").write_text("skipped: hidden")
     out = tmp_path / "p.jsonl"
-    assert predict_main(["--checkpoint", str(run["ckpt"]), str(folder), "--predictions", str(out)]) == 0
+    assert (
+        predict_main(["--checkpoint", str(run["ckpt"]), str(folder), "--predictions", str(out)])
+        == 0
+    )
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == "2 of 4 images could not be read" and "Traceback" not in "".join(err)
     assert len(err) == 3 and any("notes.png" in e for e in err) and any("cut.png" in e for e in err)

@@ -106,7 +106,12 @@ class CliParser(argparse.ArgumentParser):
 
     def add_device(self) -> None:
         """``--device auto|cpu|cuda`` (auto: CUDA when available)."""
-        self.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        self.add_argument(
+            "--device",
+            choices=("auto", "cpu", "cuda"),
+            default="auto",
+            help="auto: CUDA when available, else the CPU",
+        )
 
     def add_weights(self) -> None:
         """``--weights auto|ema|model``: which of a checkpoint's weights to use."""

@@ -91,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train.py")
     p.add_argument("--data", help="dataset name (default: the one it was trained on)")
     p.add_argument("--data-dir", help="dataset directory (default: the training run's)")
-    p.add_argument("--split", choices=("val", "test"), default="val")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--split", choices=("val", "test"), default="val", help="which held-out images to score"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_device()
     p.add_weights()
-    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off", help="autocast dtype")
     p.add_argument(
         "--tta-hflip",
         action=argparse.BooleanOptionalAction,
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--predictions",
         metavar="FILE",
-        help="also write one row per image (.csv or .jsonl): index, path, label, prediction, prob",
+        help="also write one row per image (.csv or .jsonl): index, path, label, prediction, "
+        "prob (as python -m vit.predict --predictions)",
     )
 
     def run() -> None:

@@ -33,6 +33,7 @@ CARD_NAME = "README.md"
 _EXPORT_FILES = {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, ONNX_NAME}
 # Config keys that say how a run was continued or where it ran, not what was trained.
 _NOT_IN_COMMAND = {"resume", "overwrite"}
+_PATH_KEYS = {"data_dir", "cache_dir", "out_dir", "init_from"}
 
 
 def export_checkpoint(
@@ -147,7 +148,9 @@ def model_card(config: dict[str, Any], ckpt: dict[str, Any], n_params: int, out:
     data = f"`--data {run.get('data')}`"
     if run.get("data") not in ("synthetic", "shapes"):
         data += f" from `{_local(run.get('data_dir', ''))}`"
-    out = Path(_local(out))  # the card travels with the folder: no absolute local paths
+    # The card travels with the folder: no absolute local paths.
+    out = Path(_local(out))
+    shown = {k: _local(v) if k in _PATH_KEYS and v else v for k, v in run.items()}
     m = config["metric"]
     if isinstance(m.get("value"), int | float):
         result = (
@@ -201,7 +204,7 @@ def model_card(config: dict[str, Any], ckpt: dict[str, Any], n_params: int, out:
 {typed}Every setting (it reproduces the run whatever the defaults and recipes of the version):
 
 ```
-{train_command(run)}
+{train_command(shown)}
 ```
 
 ## Use

@@ -47,7 +47,7 @@ __all__ = [
 RESUMABLE_KEYS = {
     "epochs": "extends (or shortens) the schedule",
     "grad_accum_steps": "micro-batches of the same step",
-    "time_limit": "a resumed run keeps its step schedule; extend it with --epochs",
+    "time_limit": "the schedule is fitted again to the time the earlier runs left",
     "val_every": "validation cadence",
     "save_every": "checkpoint cadence",
     "log_every": "logging cadence",
