@@ -59,10 +59,13 @@ def test_time_limit_on_the_command_line_lifts_the_epoch_cap() -> None:
 
 
 def test_threads_default_to_half_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for cores, world, expected in ((2, 1, 1), (1, 1, 1), (16, 1, 8), (64, 1, 8), (8, 2, 2)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cores: set(range(n)))
         assert resolve_threads(0, world) == expected
     assert resolve_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins over the default
+    assert resolve_threads(0) == 2 and resolve_threads(3) == 3
 
 
 # -- help ----------------------------------------------------------------------------------------

@@ -115,8 +115,8 @@ class RunConfig:
     workers: int = _opt(0, "DataLoader worker processes (--loader cpu)")
     threads: int = _opt(
         0,
-        "CPU threads of torch; 0 = half the cores (at most 8): on a busy 2-core machine torch's "
-        "all-core default took 176 s where one thread took 39 s",
+        "CPU threads of torch; 0 = $OMP_NUM_THREADS, else half the cores (at most 8): on a busy "
+        "2-core machine torch's all-core default took 176 s where one thread took 39 s",
     )
     loader: Literal["auto", "cpu", "device"] = _opt(
         "auto",
@@ -503,12 +503,15 @@ def _relative(path: Path) -> str:
 
 
 def resolve_threads(threads: int, local_world_size: int = 1) -> int:
-    """``--threads``: ``0`` = half the CPU cores this process may use (at most 8, at least 1),
-    shared by the processes of one machine under DDP. torch's default (every core) is the
-    slowest choice on a busy machine: the quick start took 176 s with it and 39 s with one
-    thread on a 2-core machine running other jobs (docs/benchmarks.md)."""
+    """``--threads``: ``0`` = ``OMP_NUM_THREADS`` when set, else half the CPU cores this process
+    may use (at most 8, at least 1), shared by the processes of one machine under DDP. torch's
+    default (every core) is the slowest choice on a busy machine: the quick start took 176 s with
+    it and 39 s with one thread on a 2-core machine running other jobs (docs/benchmarks.md)."""
     if threads:
         return threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:  # the user's (or torchrun's) choice for this process
+        return int(env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(8, (cores or 1) // 2) // max(1, local_world_size))
 
