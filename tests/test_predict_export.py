@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -392,3 +393,33 @@ def test_checkpoint_spec_larger_than_its_weights_is_refused(tmp_path) -> None:
     )
     with pytest.raises(CheckpointError, match=r"crafted\.pt is malformed: its model_spec"):
         load_model(tmp_path / "crafted.pt")
+
+
+def test_predict_output_is_a_deprecated_alias_of_predictions(run, tmp_path, capsys) -> None:
+    base = ["--checkpoint", str(run["ckpt"]), str(run["val"])]
+    assert predict_main([*base, "--predictions", str(tmp_path / "new.jsonl")]) == 0
+    assert capsys.readouterr().err == ""
+    assert predict_main([*base, "--output", str(tmp_path / "old.jsonl")]) == 0
+    assert "--output is deprecated; use --predictions" in capsys.readouterr().err
+    assert (tmp_path / "old.jsonl").read_text() == (tmp_path / "new.jsonl").read_text()
+
+
+def test_evaluate_a_folder_with_val_but_no_train(run, tmp_path, capsys) -> None:
+    """The class list is the checkpoint's: a folder of held-out images alone is enough."""
+    from vit.evaluate import main as evaluate_main
+
+    only = tmp_path / "held-out"
+    shutil.copytree(run["val"], only / "val")
+    args = ["--checkpoint", str(run["ckpt"]), "--split", "val", "--predictions"]
+    assert evaluate_main([*args, str(tmp_path / "a.jsonl"), "--data-dir", str(only)]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluate_main([*args, str(tmp_path / "b.jsonl"), "--data-dir", str(run["root"])]) == 0
+    beside_train = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert alone == beside_train and alone["n"] == 9
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert rows[0]["path"].startswith(str(only / "val"))
+
+
+def test_export_files_are_readable_like_their_siblings(run) -> None:
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run["export"].iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors was 0600, the others 0644

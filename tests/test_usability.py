@@ -141,10 +141,23 @@ def test_time_limit_counts_the_time_before_a_resume(tmp_path: Path, sigterm_at_s
     assert load_checkpoint(tmp_path / "run" / "last.pt")["progress"]["step"] < 40
 
 
-def test_epochs_capping_the_time_limit_is_said(tmp_path: Path) -> None:
-    run = _train(*flags({**TINY, "epochs": 2, "time_limit": 5.0}), "--out-dir", str(tmp_path / "r"))
-    assert run.returncode == 0, run.stderr
-    assert "--epochs 2 caps it" in run.stderr or "plan:" not in run.stderr
+def test_each_plan_change_is_one_line_and_an_epoch_cap_is_said(tmp_path: Path, capsys) -> None:
+    from vit.engine.trainer import Trainer
+
+    values = {**TINY, "epochs": 100, "time_limit": 1.0, "out_dir": str(tmp_path)}
+    t = Trainer(parse_args(flags(values)))
+    t.progress.step = 12
+    t._fit_schedule(step_time=0.1)  # 60 s at 0.1 s/step: fewer than the 800 steps of 100 epochs
+    first = capsys.readouterr().err
+    assert first.startswith("plan: 800 → ") and "caps" not in first and first.count("\n") == 1
+    t._fit_schedule(step_time=0.1)  # the same plan: nothing to say
+    assert capsys.readouterr().err == ""
+    t._fit_schedule(step_time=1e-6)  # the limit would fit far more: --epochs caps it, said once
+    capped = capsys.readouterr().err
+    assert "→ 800 steps" in capped and "--epochs 100 caps it" in capped
+    t._fit_schedule(step_time=0.1)
+    t._fit_schedule(step_time=1e-6)
+    assert "caps it" not in capsys.readouterr().err
 
 
 # -- weights, leftovers, records ------------------------------------------------------------------
