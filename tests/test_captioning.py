@@ -581,7 +581,10 @@ def test_caption_cli(tmp_path, capsys) -> None:
         Path(path).replace(folder / ("more" if i else ".") / Path(path).name)
     assert export_main(["--checkpoint", ckpt, "--out-dir", str(tmp_path / "export")]) == 0
     capsys.readouterr()
-    assert caption_main(["--checkpoint", str(tmp_path / "export"), str(folder)]) == 0
+    assert (
+        caption_main(["--checkpoint", str(tmp_path / "export"), str(folder), "--beam-size", "2"])
+        == 0
+    )
     from_folder = capsys.readouterr().out.strip().splitlines()
     # Both images, found recursively (sorted), each with the caption the checkpoint gave it.
     assert [line.split(": ")[0] for line in from_folder] == [
