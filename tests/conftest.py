@@ -28,8 +28,9 @@ TINY = {
 
 
 def flags(values: dict[str, Any]) -> list[str]:
-    """Config keys and values as command-line options (``--no-x`` for a false boolean)."""
-    out = []
+    """Config keys and values as command-line options (``--no-x`` for a false boolean), over the
+    built-in defaults (``--config none``: no recipe) unless ``values`` names a ``config``."""
+    out = [] if "config" in values else ["--config", "none"]
     for k, v in values.items():
         if isinstance(v, bool):
             out.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")

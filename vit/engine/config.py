@@ -412,8 +412,8 @@ def build_parser(prog: str = "python train.py") -> argparse.ArgumentParser:
                 kw["type"], kw["help"] = _yaml_mapping, text
             else:
                 kw["type"] = tp
-            if name in CHOICES:
-                kw["choices"] = CHOICES[name]
+            if name in CHOICES:  # shown; checked by the task, whose message names the fix
+                kw["metavar"] = "{" + ",".join(CHOICES[name]) + "}"
             group.add_argument(flag, dest=name, **kw)
     return p
 
