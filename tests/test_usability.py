@@ -229,3 +229,47 @@ def test_export_files_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "e").iterdir()}
     assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
+
+
+def test_init_from_timm_loads_timms_pretrained_weights(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``timm:NAME`` goes through ``timm.create_model(NAME, pretrained=True)``; here that call
+    returns a seeded model (no download), whose weights must be the run's starting point."""
+    import timm
+    import torch
+
+    from vit.engine.trainer import Trainer
+
+    real = timm.create_model
+
+    def create_model(name, pretrained=False, **kw):
+        assert pretrained and name == "vit_tiny_patch16_224"
+        torch.manual_seed(123)
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    values = {**TINY, "model_args": {}, "img_size": 32, "out_dir": str(tmp_path)}
+    t = Trainer(parse_args(flags({**values, "init_from": "timm:vit_tiny_patch16_224"})))
+    theirs = create_model("vit_tiny_patch16_224", pretrained=True).state_dict()
+    ours = t.model.state_dict()
+    assert torch.equal(ours["blocks.11.norm2.weight"], theirs["blocks.11.norm2.weight"])
+    assert torch.equal(ours["blocks.0.mlp.fc1.weight"], theirs["blocks.0.mlp.fc1.weight"])
+    assert "init-from timm:vit_tiny_patch16_224:" in capsys.readouterr().err
+
+
+def test_decoding_a_folder_says_so_in_a_log(tmp_path: Path, capsys) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from vit.data.datasets import image_folder
+
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.full((20, 30, 3), 60 * i, np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / cls / f"{i}.png")
+    kw = {"img_size": 16, "cache_dir": tmp_path / "cache"}
+    image_folder(tmp_path / "train", **kw)
+    said = capsys.readouterr().err
+    assert said == f"decoding 6 images of {tmp_path / 'train'} (cached for next time)\n"
+    image_folder(tmp_path / "train", **kw)  # from the cache: nothing to wait for, nothing said
+    assert capsys.readouterr().err == ""
