@@ -150,10 +150,13 @@ def new_folders(path: Path) -> list[Path]:
 
 
 def remove_empty(folders: list[Path]) -> None:
-    """Remove those of ``folders`` (deepest first) that are empty: a run that stopped before
-    writing anything leaves no folders behind."""
+    """Remove those of ``folders`` (deepest first) that are empty but for the released
+    :class:`RunLock` file: a run that stopped before writing anything leaves no folders behind.
+    Only for folders this run created (:func:`new_folders`), so no other run can hold the lock."""
     for folder in folders:
         try:
+            if [p.name for p in folder.iterdir()] == [".lock"]:
+                (folder / ".lock").unlink()
             folder.rmdir()
         except OSError:  # not empty (or already gone): keep it and its parents
             return
