@@ -175,6 +175,7 @@ class Trainer:
         self._data_clock = WaitClock()
         self._unchecked: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm)
         self._cap_said = False  # the "--epochs caps the time limit" line is said once
+        self._planned = False  # whether a plan: line was printed (the next ones say "a → b")
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -412,17 +413,19 @@ class Trainer:
             sched = torch.tensor([p.total_steps, p.warmup_steps], device=self.device)
             torch.distributed.broadcast(sched, 0)
             p.total_steps, p.warmup_steps = sched.tolist()
-        if not self.is_main or p.total_steps == before:
-            return  # one line whenever the plan changes
+        cap = wanted > p.total_steps and not self._cap_said
+        if not self.is_main or (p.total_steps == before and not cap):
+            return  # one line whenever the plan changes, or --epochs first caps it
+        first, self._planned = not self._planned, True
         capped = ""
-        if wanted > p.total_steps and not self._cap_said:
+        if cap:
             self._cap_said = True
             capped = (
                 f"; --epochs {cfg.epochs} caps it (the limit would fit {wanted} steps): pass "
                 f"more --epochs, or --time-limit alone, to use the whole limit"
             )
         print(
-            f"plan: {before} → {p.total_steps} steps "
+            f"plan: {'' if first else f'{before} → '}{p.total_steps} steps "
             f"({p.total_steps / self.steps_per_epoch:.1f} epochs) to end within --time-limit "
             f"{cfg.time_limit:g} min ({step_time * 1e3:.0f} ms/step, {epoch_end:.1f} s per "
             f"epoch end){capped}",
