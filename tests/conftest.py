@@ -40,6 +40,13 @@ def flags(values: dict[str, Any]) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Decoded-image caches of tests go to a temporary folder, never the user's ~/.cache/vit
+    (subprocesses inherit it through the environment)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _restore_threads():
     """``--threads`` calls torch.set_num_threads; keep that from leaking into other tests."""
     n = torch.get_num_threads()

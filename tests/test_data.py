@@ -103,15 +103,17 @@ def test_image_folder_decodes_once_and_caches(tmp_path: Path, monkeypatch) -> No
     _folder(tmp_path / "train", {"cat": 3, "dog": 2})
     x, y, classes = image_folder(tmp_path / "train", img_size=8, cache_dir=tmp_path / "cache")
     assert classes == ["cat", "dog"] and y.tolist() == [0, 0, 0, 1, 1]
-    assert x.shape == (5, 8, 8, 3) and x.dtype == torch.uint8  # resized + centre-cropped
-    assert len(list((tmp_path / "cache").glob("imagefolder-*.npz"))) == 1
+    assert x.shape == (5, 8, 8, 3) and x.dtype == np.uint8  # resized + centre-cropped
+    # A read-only map of the one cache file, shared by every process that reads the folder.
+    assert isinstance(x, np.memmap) and x.filename and not x.flags.writeable
+    assert len(list((tmp_path / "cache").glob("imagefolder-*.npy"))) == 1
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
     monkeypatch.setattr("vit.preprocess.decode_image", no_decoding)
     x2, y2, _ = image_folder(tmp_path / "train", img_size=8, cache_dir=tmp_path / "cache")
-    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert np.array_equal(x, x2) and torch.equal(y, y2)
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:

@@ -209,14 +209,26 @@ def test_a_corrupt_decoded_image_cache_is_rebuilt(tmp_path: Path) -> None:
 
     data = _folder(tmp_path / "train", n=3)
     x, y, _ = image_folder(data, img_size=8, cache_dir=tmp_path / "cache")
-    (cache,) = (tmp_path / "cache").glob("imagefolder-*.npz")
-    for junk in (b"not a zip", None):
-        if junk is None:  # a cache of the wrong size
-            np.savez(cache, images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.zeros(2))
-        else:
-            cache.write_bytes(junk)
+    x = np.array(x)  # the map's content, before the cache file is damaged below
+    (cache,) = (tmp_path / "cache").glob("imagefolder-*.npy")
+    meta = cache.with_suffix(".json")
+    damage = [
+        lambda: cache.write_bytes(b"not an array"),
+        lambda: cache.write_bytes(cache.read_bytes()[:-5]),  # truncated
+        lambda: np.save(cache, np.zeros((2, 4, 4, 3), np.uint8)),  # another shape
+        lambda: np.save(cache, np.zeros(x.shape, np.float32)),  # another type
+        lambda: meta.write_text("{torn"),
+        lambda: meta.unlink(),  # never completed
+    ]
+    for spoil in damage:
+        spoil()
         x2, y2, _ = image_folder(data, img_size=8, cache_dir=tmp_path / "cache")
-        assert torch.equal(x, x2) and torch.equal(y, y2)
+        assert np.array_equal(x, x2) and torch.equal(y, y2)
+        assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [
+            ".json",
+            ".lock",
+            ".npy",
+        ]
 
 
 # ----------------------------------------------------------------------------------------------

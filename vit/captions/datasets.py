@@ -86,6 +86,7 @@ class CaptionDataset(Dataset):
         crop_padding: int = 0,
         hflip: bool = False,
         seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if max_len < 3:
             raise ValueError(f"max_len must be at least 3 (<bos>, a word, <eos>), got {max_len}")
@@ -94,9 +95,11 @@ class CaptionDataset(Dataset):
         self.img_size = img_size
         self.crop_padding, self.hflip, self.seed = crop_padding, hflip, seed
         self.preprocess = caption_preprocess(img_size)
-        self._decoded: dict[int, Tensor] = {}
+        # Decoded image files: the read-only map of the cache (N, S, S, 3), and each image's row.
+        self._mapped: np.ndarray | None = None
+        self._rows: list[int] = []
         if not isinstance(data.images, Tensor):
-            data = self._decode_files(data, data.images, name)
+            data = self._decode_files(data, name, cache_dir)
         self.data = data
         self._mirror = {
             tokenizer.stoi[a]: tokenizer.stoi[b]
@@ -141,45 +144,69 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _decode_files(self, data: CaptionData, paths: list[Path], name: str) -> CaptionData:
-        """Decode every image file (``paths``: ``data.images``) up front, as classification does:
-        an unreadable one (corrupt, truncated, too large) is counted, reported and skipped with
-        its captions, like a missing one, instead of stopping training mid-epoch."""
-        from concurrent.futures import ThreadPoolExecutor
+    def _decode_files(
+        self, data: CaptionData, name: str, cache_dir: str | os.PathLike | None
+    ) -> CaptionData:
+        """Decode every image file up front into the shared decoded-image cache
+        (:mod:`vit.data.cache`: once per machine, mapped read-only by every process), as
+        classification does: an unreadable one (corrupt, truncated, too large) is counted,
+        reported and skipped with its captions, like a missing one, instead of stopping training
+        mid-epoch. The cache key covers every file's path, size and modification time and the
+        preprocessing."""
+        import hashlib
+        import json
 
-        def load(path: Path) -> Tensor | DataError:
-            try:
-                return self.preprocess.load(path)
-            except DataError as e:
-                return e
+        from vit.data.cache import decode_files, decoded_cache
 
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-            decoded = list(pool.map(load, paths))
-        bad = [(p, r) for p, r in zip(paths, decoded, strict=True) if isinstance(r, DataError)]
+        files = list(data.images)
+        key = hashlib.sha1(json.dumps(self.preprocess.to_dict(), sort_keys=True).encode())
+        for p in files:
+            st = Path(p).stat()
+            key.update(
+                os.fsencode(Path(p).resolve()) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode()
+            )
+
+        def fill(out: np.ndarray) -> dict:
+            bad: list[tuple[int, str]] = []
+            decode_files(
+                files,
+                out,
+                self.preprocess,
+                what=name,
+                on_error=lambda i, e: bad.append((i, str(e))),
+            )
+            return {"unreadable": sorted(bad)}
+
+        s = self.img_size
+        self._mapped, meta = decoded_cache(
+            cache_dir,
+            f"captions-{key.hexdigest()[:20]}",
+            (len(files), s, s, 3),
+            fill,
+            what=f"the {name} images",
+        )
+        bad = {i: message for i, message in meta["unreadable"]}
         if bad:
             log.warning(
                 "%s: %d of %d images cannot be read and are skipped with their captions (e.g. %s)",
                 name,
                 len(bad),
-                len(decoded),
-                bad[0][1],
+                len(files),
+                next(iter(bad.values())),
             )
-        read = {i: r for i, r in enumerate(decoded) if not isinstance(r, DataError)}
-        keep = list(read)
+        keep = [i for i in range(len(files)) if i not in bad]
         if not keep:
-            raise DataError(f"{name}: none of the {len(decoded)} images can be read ({bad[0][1]})")
-        self._decoded = {n: read[i] for n, i in enumerate(keep)}
-        return CaptionData([paths[i] for i in keep], [data.captions[i] for i in keep])
+            raise DataError(
+                f"{name}: none of the {len(files)} images can be read ({next(iter(bad.values()))})"
+            )
+        self._rows = keep
+        return CaptionData([files[i] for i in keep], [data.captions[i] for i in keep])
 
     def image(self, i: int) -> Tensor:
         """Image ``i`` (of the underlying data) as uint8 (3, S, S)."""
-        images = self.data.images
-        if isinstance(images, Tensor):
-            img = images[i]
-        else:  # files are decoded and resized once, on first use
-            if i not in self._decoded:
-                self._decoded[i] = self.preprocess.load(images[i])
-            img = self._decoded[i]
+        if self._mapped is not None:  # a new, writable tensor: the map is read-only
+            return torch.from_numpy(np.array(self._mapped[self._rows[i]].transpose(2, 0, 1)))
+        img = self.data.images[i]
         if img.shape[-1] != self.img_size or img.shape[-2] != self.img_size:
             img = (
                 torch.nn.functional.interpolate(

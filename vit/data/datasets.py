@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
-import zipfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
+from vit.data.cache import decode_files, decoded_cache
 from vit.data.transforms import A, reseed, sample_seed
 from vit.errors import DataError
 from vit.preprocess import IMG_EXTENSIONS, Preprocess, display_path, is_image_name
@@ -38,31 +36,42 @@ __all__ = [
 
 
 class ImageDataset(Dataset):
-    """Decoded images in memory, with an optional albumentations pipeline.
+    """Decoded images, in memory or memory-mapped, with an optional albumentations pipeline.
 
     Args:
-        images: uint8 (N, H, W, 3). labels: int64 (N,). classes: class names, by label.
+        images: uint8 (M, H, W, 3): a tensor, or a NumPy array such as the read-only memory map of
+            the decoded cache (:mod:`vit.data.cache`), which is read lazily, one item or batch at a
+            time, and never copied whole.
+        labels: int64 (N,), one per item. classes: class names, by label.
         transform: applied to training samples, reseeded per sample from ``(seed, epoch, index)``.
         boxes: optional (N, 4) float boxes ``(x0, y0, x1, y1)`` in pixels (x1, y1 exclusive).
+        rows: int64 (N,): the rows of ``images`` that are this dataset's items, in order (a split
+            of a larger array without copying it); default: all M rows.
 
     ``ds[i]`` returns the untransformed sample; ``ds[(epoch, i)]`` the augmented one.
     """
 
     def __init__(
         self,
-        images: Tensor,
+        images: Tensor | np.ndarray,
         labels: Tensor,
         classes: Sequence[str],
         *,
         transform: A.Compose | None = None,
         seed: int = 0,
         boxes: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        dtype_ok = images.dtype in (torch.uint8, np.uint8)
+        if not dtype_ok or images.ndim != 4 or images.shape[-1] != 3:
             raise DataError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-        if len(images) == 0:
+        n = len(images) if rows is None else len(rows)
+        if n == 0:
             raise DataError("the dataset is empty")
+        if len(labels) != n:
+            raise DataError(f"{len(labels)} labels for {n} images")
         self.images = images
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
         self.labels = labels.long()
         self.classes = list(classes)
         self.transform = transform
@@ -71,26 +80,59 @@ class ImageDataset(Dataset):
             self.boxes = boxes
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.labels)
 
     @property
     def img_size(self) -> int:
         return int(self.images.shape[1])
 
+    @property
+    def nbytes(self) -> int:
+        """The size of this dataset's decoded images in bytes."""
+        return len(self) * int(np.prod(self.images.shape[1:]))
+
     def with_transform(self, transform: A.Compose | None, seed: int) -> ImageDataset:
         """The same images (shared memory) with another augmentation pipeline."""
         boxes = getattr(self, "boxes", None)
         return ImageDataset(
-            self.images, self.labels, self.classes, transform=transform, seed=seed, boxes=boxes
+            self.images,
+            self.labels,
+            self.classes,
+            transform=transform,
+            seed=seed,
+            boxes=boxes,
+            rows=self.rows,
         )
+
+    def gather(self, index: Tensor) -> Tensor:
+        """Items ``index`` (int64 (B,)) as a new uint8 tensor (B, H, W, 3), untransformed.
+
+        From a memory map the rows are read in ascending file order (then put back in the asked
+        order), which turns a shuffled batch into one forward sweep over the file."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = index if self.rows is None else self.rows[index]
+        if isinstance(self.images, Tensor):
+            return self.images[rows]
+        order = rows.argsort()
+        out = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8)
+        out[order] = torch.from_numpy(np.asarray(self.images[rows[order].numpy()]))
+        return out
+
+    def image(self, index: int) -> np.ndarray:
+        """Item ``index``, uint8 (H, W, 3), as an array (a view of the images where possible)."""
+        row = index if self.rows is None else int(self.rows[index])
+        img = self.images[row]
+        return img.numpy() if isinstance(img, Tensor) else img
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        img = self.images[index]
+        img = self.image(index)
         if self.transform is not None and epoch is not None:
             reseed(self.transform, sample_seed(self.seed, epoch, index))
-            img = torch.from_numpy(np.ascontiguousarray(self.transform(image=img.numpy())["image"]))
-        return img.permute(2, 0, 1).contiguous(), int(self.labels[index])  # (3, H, W) uint8
+            img = self.transform(image=img)["image"]
+        # A new, writable (3, H, W) tensor: a memory-mapped cache is read-only.
+        chw = torch.from_numpy(np.array(img.transpose(2, 0, 1), order="C"))
+        return chw, int(self.labels[index])
 
 
 # Ten shapes, told apart by form alone (colour, size and position are random), so a classifier must
@@ -170,21 +212,71 @@ def synthetic(
     return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(boxes)
 
 
-def cifar10(data_dir: str | Path, *, train: bool) -> tuple[Tensor, Tensor, list[str]]:
-    """CIFAR-10 through torchvision, downloaded into ``data_dir`` when missing.
+def cifar10(
+    data_dir: str | Path, *, train: bool, cache_dir: str | Path | None = None
+) -> tuple[np.ndarray, Tensor, list[str]]:
+    """CIFAR-10 through torchvision, downloaded into ``data_dir`` when missing; images uint8
+    (N, 32, 32, 3) mapped read-only from the decoded cache (:mod:`vit.data.cache`), so the
+    processes of a machine share one copy. The cache key covers the batch files' names, sizes
+    and modification times.
 
-    torchvision already keeps the decoded uint8 array in memory, so no extra cache is needed.
+    Raises:
+        DataError: CIFAR-10 is missing and cannot be downloaded.
     """
+    root = Path(data_dir)
+    split = "train" if train else "test"
+    batches = root / "cifar-10-batches-py"
+    if not (batches / "batches.meta").is_file():
+        from filelock import FileLock
+
+        created = [p for p in (root, *root.parents) if not p.exists()]
+        lock = root / ".cifar10-download.lock"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with FileLock(lock):  # one download, however many ranks
+                _cifar10_dataset(root, train)
+        except OSError:  # an unwritable --data-dir: the download fails too, and says why
+            _cifar10_dataset(root, train)
+        except DataError:
+            lock.unlink(missing_ok=True)  # no data folder left behind by a failed download
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
+    key = hashlib.sha1(f"cifar10|{split}".encode())
+    for p in sorted(batches.iterdir()):
+        st = p.stat()
+        key.update(os.fsencode(p.name) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    n = 50_000 if train else 10_000
+
+    def fill(out: np.ndarray) -> dict:
+        ds = _cifar10_dataset(root, train)
+        if ds.data.shape != out.shape:
+            raise DataError(
+                f"{display_path(batches)} holds {ds.data.shape[0]} {split} images, not {n}; "
+                f"download CIFAR-10 again"
+            )
+        out[:] = ds.data
+        return {"labels": list(map(int, ds.targets)), "classes": list(ds.classes)}
+
+    images, meta = decoded_cache(
+        cache_dir, f"cifar10-{split}-{key.hexdigest()[:20]}", (n, 32, 32, 3), fill, what="CIFAR-10"
+    )
+    return images, torch.tensor(meta["labels"]), meta["classes"]
+
+
+def _cifar10_dataset(root: Path, train: bool) -> Any:  # torchvision's CIFAR10
     from torchvision.datasets import CIFAR10
 
-    root = Path(data_dir)
     try:
-        ds = CIFAR10(root, train=train, download=False)
+        return CIFAR10(root, train=train, download=False)
     except RuntimeError:
         created = [p for p in (root, *root.parents) if not p.exists()]
         try:
             root.mkdir(parents=True, exist_ok=True)
-            ds = CIFAR10(root, train=train, download=True)
+            return CIFAR10(root, train=train, download=True)
         except (OSError, RuntimeError) as e:  # URLError is an OSError
             for folder in created:  # no empty data folder left behind by a failed download
                 try:
@@ -197,12 +289,6 @@ def cifar10(data_dir: str | Path, *, train: bool) -> tuple[Tensor, Tensor, list[
                 f"into {root} (giving {root / 'cifar-10-batches-py'}), or train offline with "
                 f"--data imagefolder --data-dir DIR or --data synthetic"
             ) from None
-    return torch.from_numpy(ds.data), torch.tensor(ds.targets), list(ds.classes)
-
-
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vit"
 
 
 def _is_image(p: Path) -> bool:
@@ -250,16 +336,21 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 def image_folder(
     root: str | Path, *, img_size: int, cache_dir: str | Path | None = None
-) -> tuple[Tensor, Tensor, list[str]]:
+) -> tuple[np.ndarray, Tensor, list[str]]:
     """Decode ``root/<class>/*`` once into uint8 (N, img_size, img_size, 3) and cache it.
 
     Every image is decoded up front through :class:`~vit.preprocess.Preprocess` (the shorter side
     resized to ``img_size``, bicubic, then the centre crop), so an unreadable file is reported
-    before training starts. Hidden files and folders (``.name``) are skipped. The cache is
-    ``<cache_dir>/imagefolder-<hash>.npz`` (``cache_dir`` defaults to ``$XDG_CACHE_HOME/vit`` or
-    ``~/.cache/vit``); the hash covers the folder, every file's name, size and modification time,
-    and ``img_size``, so a changed folder is decoded again; a cache file that is corrupt or does
-    not match the folder is rebuilt.
+    before training starts; a progress bar shows images/s and the time left. Hidden files and
+    folders (``.name``) are skipped. The cache is ``<cache_dir>/imagefolder-<hash>.npy``
+    (``cache_dir`` defaults to ``$XDG_CACHE_HOME/vit`` or ``~/.cache/vit``), decoded once per
+    machine and mapped read-only by every process (:mod:`vit.data.cache`); the hash covers the
+    folder, every file's name, size and modification time, and ``img_size``, so a changed folder
+    is decoded again; a cache file that is corrupt or does not match the folder is rebuilt.
+
+    Returns:
+        images: the read-only memory map, uint8 (N, img_size, img_size, 3); labels int64 (N,);
+        the class names.
 
     Raises:
         DataError: a missing or unreadable folder, an empty class, an unreadable image.
@@ -271,54 +362,24 @@ def image_folder(
     for p in files:
         st = p.stat()
         key.update(os.fsencode(p.relative_to(root)) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = Path(cache_dir) if cache_dir else _default_cache_dir()
-    path = cache / f"imagefolder-{key.hexdigest()[:20]}.npz"
-    label_array = np.asarray(labels, dtype=np.int64)
-    cached = _read_cache(path, (len(files), img_size, img_size, 3), label_array)
-    if cached is not None:
-        return torch.from_numpy(cached), torch.from_numpy(label_array), classes
-    preprocess = Preprocess(img_size)
-    shown = display_path(root)
-    if not sys.stderr.isatty():  # a log gets one line instead of the bar
-        print(f"decoding {len(files):,} images of {shown} (cached for next time)", file=sys.stderr)
-    bar = tqdm(
-        total=len(files), desc=f"decoding {shown}", unit="img", file=sys.stderr, disable=None,
-        delay=0.5, leave=False,
-    )  # fmt: skip
-    with bar, ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        decoded = []
-        for t in pool.map(preprocess.load, files):
-            decoded.append(t.permute(1, 2, 0).numpy())
-            bar.update()
-        images = np.stack(decoded)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, labels=label_array)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the decoding time again
-    return torch.from_numpy(images), torch.from_numpy(label_array), classes
 
+    def fill(out: np.ndarray) -> dict:
+        decode_files(files, out, Preprocess(img_size), what=str(display_path(root)))
+        return {"labels": labels}
 
-def _read_cache(path: Path, shape: tuple[int, ...], labels: np.ndarray) -> np.ndarray | None:
-    """The cached images, or ``None`` (and the file removed) when the cache is missing, corrupt,
-    or holds another shape or other labels than the folder: it is then decoded again."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, cached_labels = z["images"], z["labels"]
-        if (
-            images.dtype == np.uint8
-            and images.shape == shape
-            and np.array_equal(cached_labels, labels)
-        ):
-            return images
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass
-    path.unlink(missing_ok=True)
-    return None
+    images, meta = decoded_cache(
+        cache_dir,
+        f"imagefolder-{key.hexdigest()[:20]}",
+        (len(files), img_size, img_size, 3),
+        fill,
+        what=f"the images of {display_path(root)}",
+    )
+    if meta.get("labels") != labels:  # a hash collision, or a cache edited by hand
+        raise DataError(
+            f"the decoded-image cache of {display_path(root)} does not match its folder; delete "
+            f"the imagefolder-*.npy/.json files in the cache folder (--cache-dir) and run again"
+        )
+    return images, torch.tensor(labels, dtype=torch.long), classes
 
 
 def split_indices(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -298,6 +298,7 @@ class DeviceLoader:
         policy: AugmentPolicy | None = None,
         rank: int = 0,
         world_size: int = 1,
+        resident: bool | None = None,
     ) -> None:
         if not isinstance(dataset, ImageDataset):
             raise TypeError(
@@ -309,7 +310,12 @@ class DeviceLoader:
         crop_padding, cutout = policy.crop_padding, policy.cutout
         randaugment_ops = policy.randaugment_ops
         self.device = torch.device(device)
-        self.images = dataset.images.to(self.device)  # uint8 (N, H, W, 3)
+        self.dataset = dataset
+        if resident is None:
+            resident = _fits(dataset, self.device)
+        self.resident = resident
+        # uint8 (N, H, W, 3) on the device; otherwise each batch is gathered from the dataset.
+        self.images = _to_device(dataset, self.device) if resident else None
         self.labels = dataset.labels.to(self.device)
         self.seed, self.crop_padding, self.cutout = seed, crop_padding, cutout
         self.hflip = policy.hflip
@@ -352,7 +358,7 @@ class DeviceLoader:
         if self.randaugment_ops > 0:
             u = draws[5:].T.float() / (1 << 24)  # exact: 24-bit integers
             out["randaugment"] = randaugment_params(
-                u, self.randaugment_ops, self.randaugment_magnitude, self.images.shape[1]
+                u, self.randaugment_ops, self.randaugment_magnitude, self.dataset.img_size
             )
         if self.cutout > 0:
             out["cutout_xy"] = draws[3:5].T
@@ -361,12 +367,70 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         sampler = self.batch_sampler
         epoch = sampler.epoch
-        order = sampler.order().to(self.device, non_blocking=True)
-        for lo, hi in sampler.bounds():
-            index = order[lo:hi]
-            x = self.images[index]  # (B, H, W, 3)
+        order = sampler.order()
+        if self.resident:
+            order = order.to(self.device, non_blocking=True)
+            batches = ((order[lo:hi], self.images[order[lo:hi]]) for lo, hi in sampler.bounds())
+        else:
+            batches = self._streamed(order, list(sampler.bounds()))
+        for index, x in batches:  # x: uint8 (B, H, W, 3) on the device
             if self._augment:
                 x = augment_batch(x, **self.params(epoch, index))
             else:
                 x = rearrange(x, "b h w c -> b c h w").contiguous()
             yield x, self.labels[index]
+
+    def _streamed(
+        self, order: Tensor, bounds: list[tuple[int, int]]
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches gathered from the dataset on the host (a memory-mapped cache pages in there)
+        by a background thread, ``_PREFETCH`` batches ahead, so reading the next batches from
+        disk overlaps augmenting and training on this one; pinned, then copied asynchronously."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pin = self.device.type == "cuda"
+
+        def read(lo: int, hi: int) -> Tensor:
+            x = self.dataset.gather(order[lo:hi])
+            return x.pin_memory() if pin else x
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = [pool.submit(read, *b) for b in bounds[:_PREFETCH]]
+            for i, (lo, hi) in enumerate(bounds):
+                x = pending.pop(0).result()
+                if i + _PREFETCH < len(bounds):
+                    pending.append(pool.submit(read, *bounds[i + _PREFETCH]))
+                index = order[lo:hi].to(self.device, non_blocking=True)
+                yield index, x.to(self.device, non_blocking=True)
+
+
+# Batches read ahead when the images stay on the host (DeviceLoader(resident=False)).
+_PREFETCH = 4
+# Share of the device's free memory the images may take to be kept there (the rest is for
+# training).
+_RESIDENT_SHARE = 0.5
+
+
+def _fits(dataset: ImageDataset, device: torch.device) -> bool:
+    """Whether the images are held on ``device``: on an accelerator when they take at most half
+    of its free memory; on the CPU when they are a tensor in memory already (a memory-mapped
+    cache is read a batch at a time, never copied whole)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return dataset.nbytes <= _RESIDENT_SHARE * free
+    return device.type == "cpu" and isinstance(dataset.images, Tensor)
+
+
+def _to_device(dataset: ImageDataset, device: torch.device, chunk: int = 1 << 28) -> Tensor:
+    """The dataset's images on ``device``, uint8 (N, H, W, 3), copied ``chunk`` bytes at a time
+    (a memory-mapped cache never passes through host memory whole)."""
+    images = dataset.images
+    if dataset.rows is None and isinstance(images, Tensor) and images.device == device:
+        return images
+    n = len(dataset)
+    out = torch.empty((n, *dataset.images.shape[1:]), dtype=torch.uint8, device=device)
+    step = max(1, chunk // max(1, dataset.nbytes // n))
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        out[lo:hi] = dataset.gather(torch.arange(lo, hi)).to(device)
+    return out

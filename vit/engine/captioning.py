@@ -152,6 +152,7 @@ class CaptionTask(Task):
             crop_padding=cfg.crop_padding if train else 0,
             hflip=cfg.hflip if train else False,
             seed=cfg.seed,
+            cache_dir=cfg.cache_dir or None,
         )
         if not train:
             self._val = ds

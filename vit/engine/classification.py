@@ -80,8 +80,10 @@ class ClassificationTask(Task):
             raise ConfigError(f"CIFAR-10 images are 32x32; set img_size 32 (got {cfg.img_size})")
 
     # -- data -----------------------------------------------------------------------------------
-    def _arrays(self, which: str) -> tuple[Tensor, Tensor, list[str], Tensor | None]:
-        """Decoded (images, labels, classes, boxes) of ``which`` in train|val|test|train_all."""
+    def _arrays(self, which: str) -> tuple[Any, Tensor, list[str], Tensor | None, Tensor | None]:
+        """Decoded ``(images, labels, classes, boxes, rows)`` of ``which`` in train|val|test:
+        ``images`` a tensor or a read-only memory map (:mod:`vit.data.cache`), ``rows`` the
+        split's rows of it (``None``: all)."""
         from vit import data
 
         if which in self._loaded:
@@ -94,17 +96,20 @@ class ClassificationTask(Task):
             x, y, boxes = data.synthetic(
                 n, img_size=cfg.img_size, seed={"train": 1, "val": 2, "test": 3}[which]
             )
-            out = (x, y, list(data.SYNTHETIC_CLASSES), boxes)
+            out = (x, y, list(data.SYNTHETIC_CLASSES), boxes, None)
         elif cfg.data == "cifar10":
             # The official test split validates (the usual CIFAR protocol; see README).
-            x, y, classes = data.cifar10(cfg.data_dir, train=which == "train")
-            out = (x, y, classes, None)
+            cache = self.cfg.cache_dir or None
+            x, y, classes = data.cifar10(cfg.data_dir, train=which == "train", cache_dir=cache)
+            out = (x, y, classes, None, None)
         else:
             out = self._image_folder(which)
         self._loaded[which] = out
         return out
 
-    def _image_folder(self, which: str) -> tuple[Tensor, Tensor, list[str], Tensor | None]:
+    def _image_folder(
+        self, which: str
+    ) -> tuple[Any, Tensor, list[str], Tensor | None, Tensor | None]:
         from vit import data
 
         root = Path(self.cfg.data_dir)
@@ -126,13 +131,13 @@ class ClassificationTask(Task):
         if which != "train" and held_out is not None:
             x, y, classes = data.image_folder(held_out, **kw)
             self.paths[which] = data.list_image_folder(held_out)[0]
-            _, _, train_classes, _ = self._arrays("train")
+            train_classes = self._arrays("train")[2]
             if classes != train_classes:
                 raise data.DataError(
                     f"{held_out} has classes {classes} but {root / 'train'} has {train_classes}; "
                     f"both need the same class folders"
                 )
-            return x, y, classes, None
+            return x, y, classes, None, None
         x, y, classes = data.image_folder(root / "train", **kw)
         if len(classes) == 1:
             raise DataError(
@@ -142,11 +147,12 @@ class ClassificationTask(Task):
         files = data.list_image_folder(root / "train")[0]
         if held_out is not None:
             self.paths["train"] = files
-            return x, y, classes, None
-        # No val/ or test/: carve a deterministic stratified validation split out of train.
+            return x, y, classes, None, None
+        # No val/ or test/: carve a deterministic stratified validation split out of train, as
+        # rows of the one mapped array (no copy).
         train_idx, val_idx = data.split_indices(y, self.cfg.val_fraction)
-        self._loaded["train"] = (x[train_idx], y[train_idx], classes, None)
-        self._loaded["val"] = (x[val_idx], y[val_idx], classes, None)
+        self._loaded["train"] = (x, y[train_idx], classes, None, train_idx)
+        self._loaded["val"] = (x, y[val_idx], classes, None, val_idx)
         self.paths.update(
             train=[files[i] for i in train_idx.tolist()], val=[files[i] for i in val_idx.tolist()]
         )
@@ -174,7 +180,7 @@ class ClassificationTask(Task):
     def build_dataset(self, split: Literal["train", "val", "test"]) -> Dataset:
         from vit import data
 
-        x, y, classes, boxes = self._arrays(split)
+        x, y, classes, boxes, rows = self._arrays(split)
         if "classes" in self.state and self.state["classes"] != classes:
             raise data.DataError(
                 f"the model was trained on classes {self.state['classes']} but {self.cfg.data} "
@@ -184,14 +190,14 @@ class ClassificationTask(Task):
             # Inputs are normalised with the training set's own channel statistics, kept in the
             # task state so evaluation, prediction and rollout feed the model what it was
             # trained on (vit.preprocess records the decoding and resizing too).
-            pixels = x.reshape(-1, 3)[:: max(1, x.numel() // 3 // 2_000_000)].float() / 255
+            pixels = _sample_pixels(x, rows)
             preprocess = Preprocess(
                 self.cfg.img_size,
                 mean=tuple(round(v, 4) for v in pixels.mean(0).tolist()),
                 std=tuple(round(v, 4) for v in pixels.std(0).tolist()),
             )
             self.state.update(classes=classes, preprocess=preprocess.to_dict())
-        ds = data.ImageDataset(x, y, classes, boxes=boxes)
+        ds = data.ImageDataset(x, y, classes, boxes=boxes, rows=rows)
         if split == "train":
             cfg = self.cfg
             transform = data.build_transform(cfg.img_size, cfg.augment_policy())
@@ -364,6 +370,21 @@ def confusion_image(confusion: Tensor, cell: int = 0) -> Tensor:
     image[:, ::cell, :] = 1.0
     image[:, :, ::cell] = 1.0
     return (image * 255).round().to(torch.uint8)
+
+
+def _sample_pixels(images: Any, rows: Tensor | None, budget: int = 2_000_000) -> Tensor:
+    """About ``budget`` RGB pixels of the training images, float (P, 3) in [0, 1], for the
+    channel statistics: whole images, evenly spaced, so a memory-mapped set reads only those
+    (every image of a set of up to ``budget`` pixels)."""
+    rows = torch.arange(len(images)) if rows is None else rows
+    per_image = int(images.shape[1]) * int(images.shape[2])
+    k = min(len(rows), max(1, -(-budget // per_image)))
+    picked = rows[torch.linspace(0, len(rows) - 1, k).round().long()].sort().values
+    if isinstance(images, Tensor):
+        batch = images[picked]
+    else:
+        batch = torch.from_numpy(np.asarray(images[picked.numpy()]))
+    return batch.reshape(-1, 3).float() / 255
 
 
 def _step_seed(seed: int, step: int) -> int:
