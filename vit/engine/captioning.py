@@ -3,6 +3,7 @@ cross-attention maps it shows in TensorBoard."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,9 +139,10 @@ class CaptionTask(Task):
                 (c for caps in data.captions for c in caps), min_count=args["min_count"]
             )
             self.state["vocab"] = self.tokenizer.itos
-            out = Path(cfg.out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save(out / "vocab.json")
+            if int(os.environ.get("RANK", "0")) == 0:  # the run directory is global rank 0's
+                out = Path(cfg.out_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                self.tokenizer.save(out / "vocab.json")
         train = split == "train"
         ds = CaptionDataset(
             data,

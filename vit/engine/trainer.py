@@ -87,8 +87,7 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed(cfg)
         self.is_main = self.rank == 0  # logs, checkpoints and the progress bar are rank 0's
         self.out = Path(cfg.out_dir)
-        resume = self._resume_path()
-        ckpt = load_checkpoint(resume) if resume else None
+        resume, ckpt = self._resume_checkpoint()
         task_cls = get_task(cfg.task)
         if ckpt is not None and ckpt["task"] != cfg.task:
             raise CheckpointError(f"{resume} is a {ckpt['task']!r} checkpoint, not {cfg.task!r}")
@@ -178,15 +177,19 @@ class Trainer:
         self._planned = False  # whether a plan: line was printed (the next ones say "a → b")
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _resume_path(self) -> Path | None:
-        """The checkpoint to continue from; rank 0 also checks the run directory
-        (:func:`vit.engine.rundir.check_out_dir`), the other ranks follow its decision."""
-        cfg, last = self.cfg, self.out / "last.pt"
-        if self.is_main:
-            return check_out_dir(cfg)
-        if cfg.resume == "auto":
-            return last if last.is_file() and not cfg.overwrite else None
-        return Path(cfg.resume) if cfg.resume else None
+    def _resume_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to continue from and its path. Rank 0 alone checks the run directory
+        (:func:`vit.engine.rundir.check_out_dir`) and reads the checkpoint; under DDP it sends
+        it to every rank, so the other ranks never read the run directory: on several machines
+        it need not be on a shared file system, and a network file system's stale view cannot
+        make the ranks resume from different steps."""
+        path = check_out_dir(self.cfg) if self.is_main else None
+        ckpt = load_checkpoint(path) if path is not None else None
+        if self.world_size > 1:
+            box = [(path, ckpt)]
+            torch.distributed.broadcast_object_list(box, src=0)
+            path, ckpt = box[0]
+        return path, ckpt
 
     def _init_from(self, path: str) -> None:
         """Fine-tuning: ``path``'s weights through :func:`vit.models.load_pretrained`
@@ -493,8 +496,8 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, p = self.cfg, self.progress
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
+        if self.is_main:  # the run directory is global rank 0's alone
+            self.out.mkdir(parents=True, exist_ok=True)
             for note in self.resume_notes:
                 print(f"resume: {note}", file=sys.stderr)
             write_config(self.out, cfg)
