@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             f"the total"
         )
         print()
-        print("| processes | each process: PSS (anon + file) | total (anon + file) | vs 1 process |")
+        print("| processes | each process: PSS (anon + file) | total (anon + file) | vs 1 |")
         print("|---|---|---|---|")
         base = None
         for p in args.procs:
