@@ -195,3 +195,22 @@ def test_cache_files_are_replaced_whole(tmp_path: Path, corrupt: str) -> None:
         "lock",
         "npy",
     ]
+
+
+@pytest.mark.gpu
+def test_device_loader_streams_a_mapped_dataset_to_cuda_as_it_would_hold_it(tmp_path: Path) -> None:
+    """On CUDA: batches gathered from the map on the host, pinned and copied (``resident=False``,
+    a dataset larger than the GPU) equal those of the images held on the GPU."""
+    x = np.random.default_rng(0).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", x)
+    rows = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:250]
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    ds = ImageDataset(mapped, torch.arange(250) % 10, [str(i) for i in range(10)], rows=rows)
+    policy = AugmentPolicy(crop_padding=2, hflip=True, randaugment_ops=2, cutout=4)
+    kw = {"device": "cuda", "seed": 1, "shuffle": True, "drop_last": True, "policy": policy}
+    streamed, resident = DeviceLoader(ds, 32, resident=False, **kw), DeviceLoader(ds, 32, **kw)
+    assert resident.resident and not streamed.resident
+    for loader in (streamed, resident):
+        loader.batch_sampler.set_epoch(3)
+    for (xa, ya), (xb, yb) in zip(streamed, resident, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
