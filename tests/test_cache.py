@@ -214,3 +214,20 @@ def test_device_loader_streams_a_mapped_dataset_to_cuda_as_it_would_hold_it(tmp_
         loader.batch_sampler.set_epoch(3)
     for (xa, ya), (xb, yb) in zip(streamed, resident, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_a_mapped_dataset_pickles_as_its_file_name(tmp_path: Path) -> None:
+    """DataLoader workers started by spawn receive the dataset pickled: a mapped cache must
+    travel as its file name, not as a copy of the images."""
+    import pickle
+
+    _folder(tmp_path / "data", 50, size=(32, 32))
+    mapped, labels, classes = image_folder(tmp_path / "data", img_size=32, cache_dir=tmp_path)
+    ds = ImageDataset(mapped, labels[:60], classes, rows=torch.arange(20, 80))
+    blob = pickle.dumps(ds)
+    assert len(blob) < mapped.nbytes // 10  # 300 KiB of images, a few KiB pickled
+    copy = pickle.loads(blob)
+    assert isinstance(copy.images, np.memmap) and not copy.images.flags.writeable
+    assert torch.equal(copy.gather(torch.arange(60)), ds.gather(torch.arange(60)))
+    in_memory = ImageDataset(torch.from_numpy(np.array(mapped)), labels, classes)
+    assert len(pickle.dumps(in_memory)) > mapped.nbytes  # a tensor still travels whole

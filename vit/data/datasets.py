@@ -9,10 +9,11 @@ through :mod:`vit.preprocess`, the one decoder every path uses.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +34,14 @@ __all__ = [
     "split_indices",
     "synthetic",
 ]
+
+
+class _MappedFile(NamedTuple):
+    """A whole-file read-only map of uint8 images, by name (see ``ImageDataset.__getstate__``)."""
+
+    filename: str
+    offset: int
+    shape: tuple[int, ...]
 
 
 class ImageDataset(Dataset):
@@ -123,6 +132,23 @@ class ImageDataset(Dataset):
         row = index if self.rows is None else int(self.rows[index])
         img = self.images[row]
         return img.numpy() if isinstance(img, Tensor) else img
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (DataLoader workers started by ``spawn``, the default on macOS), a mapped
+        cache travels as its file name and is mapped again: never the images themselves."""
+        state = self.__dict__.copy()
+        images = self.images
+        if isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap):
+            state["images"] = _MappedFile(str(images.filename), images.offset, images.shape)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["images"], _MappedFile):
+            f = state["images"]
+            state["images"] = np.memmap(
+                f.filename, dtype=np.uint8, mode="r", offset=f.offset, shape=f.shape
+            )
+        self.__dict__.update(state)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (None, key)
