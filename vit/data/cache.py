@@ -40,7 +40,6 @@ CACHE_FORMAT = 1
 # Decoding a large folder can take hours; the waiting processes must not time out meanwhile
 # (torch.distributed's default is 10-30 minutes).
 _DECODE_TIMEOUT = timedelta(days=2)
-_wait_group: Any = None
 
 
 def default_cache_dir() -> Path:
@@ -84,17 +83,20 @@ def decoded_cache(
 
 
 def _barrier() -> None:
-    """Wait for every rank (under torch.distributed), on a gloo group with a long timeout."""
-    global _wait_group
+    """Wait for every rank (under torch.distributed), on a gloo group of its own with a long
+    timeout, made for this wait and destroyed after it (a cached group would outlive the
+    process group it belongs to)."""
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch without distributed support
         return
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if _wait_group is None:
-        _wait_group = dist.new_group(backend="gloo", timeout=_DECODE_TIMEOUT)
-    dist.barrier(group=_wait_group)
+    group = dist.new_group(backend="gloo", timeout=_DECODE_TIMEOUT)
+    try:
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
 
 
 def _decode_or_open(
