@@ -206,7 +206,9 @@ class CaptionDataset(Dataset):
         """Image ``i`` (of the underlying data) as uint8 (3, S, S)."""
         if self._mapped is not None:  # a new, writable tensor: the map is read-only
             return torch.from_numpy(np.array(self._mapped[self._rows[i]].transpose(2, 0, 1)))
-        img = self.data.images[i]
+        images = self.data.images
+        assert isinstance(images, Tensor)  # files were decoded into the map above
+        img = images[i]
         if img.shape[-1] != self.img_size or img.shape[-2] != self.img_size:
             img = (
                 torch.nn.functional.interpolate(

@@ -54,7 +54,7 @@ def local_rank() -> int:
 
 
 def decoded_cache(
-    cache_dir: str | Path | None,
+    cache_dir: str | os.PathLike | None,
     name: str,
     shape: tuple[int, ...],
     fill: Callable[[np.ndarray], dict[str, Any]],
@@ -93,6 +93,7 @@ def _barrier() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     group = dist.new_group(backend="gloo", timeout=_DECODE_TIMEOUT)
+    assert isinstance(group, dist.ProcessGroup)  # every rank is a member
     try:
         dist.barrier(group=group)
     finally:

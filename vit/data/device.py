@@ -368,9 +368,10 @@ class DeviceLoader:
         sampler = self.batch_sampler
         epoch = sampler.epoch
         order = sampler.order()
-        if self.resident:
-            order = order.to(self.device, non_blocking=True)
-            batches = ((order[lo:hi], self.images[order[lo:hi]]) for lo, hi in sampler.bounds())
+        batches: Iterator[tuple[Tensor, Tensor]]
+        if self.images is not None:  # resident
+            images, order = self.images, order.to(self.device, non_blocking=True)
+            batches = ((order[lo:hi], images[order[lo:hi]]) for lo, hi in sampler.bounds())
         else:
             batches = self._streamed(order, list(sampler.bounds()))
         for index, x in batches:  # x: uint8 (B, H, W, 3) on the device
