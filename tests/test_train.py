@@ -527,6 +527,7 @@ def test_imagefolder_validation_split_rules(tmp_path: Path) -> None:
     fresh_val = ClassificationTask(cfg).build_dataset("val")  # as vit.evaluate builds it
     task = ClassificationTask(cfg)
     train, val = task.build_dataset("train"), task.build_dataset("val")
+
     def images(ds):
         return ds.gather(torch.arange(len(ds)))
 
