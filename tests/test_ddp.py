@@ -227,3 +227,59 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path: Path, capsys) -> None
         # One decoding per machine (two splits of one folder: one cache), by local rank 0.
         assert len(list((tmp_path / f"node{n}" / "cache").glob("imagefolder-*.npy"))) == 1
         assert err.count(" images in ") == 1, err
+
+
+@pytest.mark.slow  # two torchrun "machines", then a resume in one process, ~60 s
+def test_a_two_node_run_resumes_in_one_process(tmp_path: Path, capsys) -> None:
+    """SIGTERM to both machines' torchrun after the first epoch: the ranks agree on a step,
+    global rank 0 saves; one process resumes that checkpoint (world 2 -> 1, which divides the
+    batch; no random draw depends on the rank) and ends with the weights of an uninterrupted
+    one-process run."""
+    import signal
+    import time
+
+    extra = {"epochs": 4, "synthetic_train": 256, "cutout": 0, "crop_padding": 0}
+    assert main([*_argv(tmp_path / "single", **extra), "--no-hflip"]) == 0
+    capsys.readouterr()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    port, nodes = _free_port(), []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        cmd += ["--nproc_per_node", "1", "--node_rank", str(node), "--rdzv_backend", "c10d"]
+        cmd += ["--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "resume"]
+        argv = [*_argv(tmp_path / f"node{node}", **extra), "--no-hflip"]
+        nodes.append(
+            subprocess.Popen(
+                [*cmd, str(ROOT / "train.py"), *argv],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            logs = [tmp_path / f"node{n}" / "metrics.jsonl" for n in (0, 1)]
+            if any(m.exists() and '"val"' in m.read_text() for m in logs):
+                break
+            assert all(p.poll() is None for p in nodes) and time.monotonic() < deadline
+            time.sleep(0.2)
+        for p in nodes:
+            p.send_signal(signal.SIGTERM)
+        for p in nodes:
+            p.wait(timeout=120)
+    finally:
+        for p in nodes:
+            p.kill()
+    (run,) = [tmp_path / f"node{n}" for n in (0, 1) if (tmp_path / f"node{n}" / "last.pt").exists()]
+    stopped = load_checkpoint(run / "last.pt")
+    assert stopped["world_size"] == 2 and 0 < stopped["progress"]["step"] < 32
+    resumed = [*_argv(run, **extra), "--no-hflip", "--resume", "auto"]
+    assert main(resumed) == 0
+    assert "processes: 2 -> 1" in capsys.readouterr().err
+    a = load_checkpoint(tmp_path / "single" / "last.pt")
+    b = load_checkpoint(run / "last.pt")
+    assert a["progress"] == b["progress"]
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, atol=1e-5, rtol=0, msg=name)
