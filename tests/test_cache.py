@@ -128,6 +128,9 @@ def test_a_dataset_larger_than_the_memory_limit_trains_one_epoch(tmp_path: Path)
     code = """
         import json, resource, sys
         import numpy as np
+        # What the run imports, before its data size is measured: the limit is for data.
+        import torch, vit.data, vit.engine.classification, vit.engine.trainer
+        from torch.utils.tensorboard import SummaryWriter
         from vit.train import main
 
         def data_size() -> int:
