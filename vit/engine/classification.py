@@ -158,7 +158,7 @@ class ClassificationTask(Task):
         )
         return self._loaded[which]
 
-    def _held_out_only(self, root: Path, which: str) -> tuple[Tensor, Tensor, list[str], None]:
+    def _held_out_only(self, root: Path, which: str) -> tuple[Any, Tensor, list[str], None, None]:
         """Evaluation of a trained model on ``root/val`` (or ``root/test``) without a
         ``root/train``: the class list is the checkpoint's."""
         from vit import data
@@ -175,7 +175,7 @@ class ClassificationTask(Task):
             folder, img_size=self.cfg.img_size, cache_dir=self.cfg.cache_dir or None
         )
         self.paths[which] = data.list_image_folder(folder)[0]
-        return x, y, classes, None
+        return x, y, classes, None, None
 
     def build_dataset(self, split: Literal["train", "val", "test"]) -> Dataset:
         from vit import data
