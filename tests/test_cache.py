@@ -149,6 +149,7 @@ def test_a_dataset_larger_than_the_memory_limit_trains_one_epoch(tmp_path: Path)
         print(json.dumps({"rc": rc, "limit": limit, "in_memory_possible": held}))
     """
     run = {
+        "config": "none",  # the built-in defaults, not the image-folder recipe
         "data": "imagefolder",
         "data_dir": str(tmp_path / "data"),
         "cache_dir": str(tmp_path / "cache"),

@@ -178,7 +178,7 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path: Path, capsys) -> None
     the run directory."""
     _image_folder(tmp_path / "data" / "train")
     extra = {"data": "imagefolder", "data_dir": str(tmp_path / "data"), "val_fraction": 0.25}
-    extra |= {"epochs": 1, "workers": 0}
+    extra |= {"epochs": 1, "workers": 0, "config": "none"}  # no recipe, no time limit
     args = _argv(tmp_path / "single", **extra, cache_dir=tmp_path / "cache-single")
     assert main(args) == 0
     capsys.readouterr()
@@ -238,7 +238,7 @@ def test_a_two_node_run_resumes_in_one_process(tmp_path: Path, capsys) -> None:
     import signal
     import time
 
-    extra = {"epochs": 4, "synthetic_train": 256, "cutout": 0, "crop_padding": 0}
+    extra = {"epochs": 4, "synthetic_train": 256, "cutout": 0, "crop_padding": 0, "config": "none"}
     assert main([*_argv(tmp_path / "single", **extra), "--no-hflip"]) == 0
     capsys.readouterr()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
