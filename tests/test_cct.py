@@ -101,7 +101,7 @@ def test_forward_shapes_and_stages_for_each_pool(pool: str, prefix: int) -> None
 def test_seq_pooling_is_a_softmax_weighted_sum() -> None:
     model = tiny_cct()
     tokens = model.forward_features(torch.randn(2, 3, 16, 16))
-    pooled, weights = model.seq_pool(tokens, need_weights=True)
+    pooled, weights = model.seq_pool.forward_with_weights(tokens)
     scores = tokens @ model.seq_pool.attention_pool.weight[0] + model.seq_pool.attention_pool.bias
     torch.testing.assert_close(weights, scores.softmax(dim=-1))
     torch.testing.assert_close(pooled, torch.einsum("bn,bnd->bd", weights, tokens))
@@ -207,7 +207,7 @@ def test_rollout_on_cct_equals_a_hand_computation_with_the_pool_weights() -> Non
     assert [tuple(w.shape) for w in attentions.pool_weights] == [(2, 16)]
     assert model.seq_pool.recorder is None  # switched off again
     weights = attentions.pool_weights[0]
-    _, expected_weights = model.seq_pool(model.forward_features(x), need_weights=True)
+    _, expected_weights = model.seq_pool.forward_with_weights(model.forward_features(x))
     torch.testing.assert_close(weights, expected_weights)
 
     maps = rollout_maps(model, x, image_size=model.grid_size)  # on the 4x4 token grid

@@ -544,7 +544,7 @@ def test_sequence_pool_weights_and_weighted_sum() -> None:
     x = torch.randn(3, 10, 16)
     recorded: list[Tensor] = []
     pool.recorder = recorded.append
-    pooled, weights = pool(x, need_weights=True)
+    pooled, weights = pool.forward_with_weights(x)
     assert pooled.shape == (3, 16) and weights.shape == (3, 10)
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(3))
     scores = x @ pool.attention_pool.weight[0] + pool.attention_pool.bias  # (B, N)

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
 from vit.models import VisionTransformer, create_model, from_timm
-from vit.timm_interop import convert_timm_state_dict, load_pretrained
+from vit.timm_interop import TIMM_PREFIX, convert_timm_state_dict, load_pretrained
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2)
 
@@ -167,6 +167,8 @@ def test_from_timm_refuses_other_models() -> None:
 
 def test_timm_create_model_builds_our_variants() -> None:
     assert "vitpkg_vit_tiny_patch4_32" in timm.list_models("vitpkg_*")
+    assert "vitpkg_cct_7_3x1_32" in timm.list_models("vitpkg_*")
+    assert not timm.list_models("vitpkg_caption*")  # captioners are not classifiers
     model = timm.create_model("vitpkg_vit_tiny_patch4_32", num_classes=10)
     assert isinstance(model, VisionTransformer)
     assert model.config == create_model("vit_tiny_patch4_32", num_classes=10).config
@@ -187,7 +189,10 @@ def test_timm_create_model_builds_our_variants() -> None:
         1e-3,
         16,
     )
-    assert model.pretrained_cfg["input_size"] == (3, 16, 16)
+    # As in timm, global_pool changes the pooling only: the variant's class token stays.
+    assert cfg.class_token and model.global_pool == "avg"
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # the registered (source) config
+    assert model.pretrained_cfg["architecture"] == "vitpkg_vit_tiny_patch4_32"
     # timm's transforms normalise with the statistics of the data each variant is sized for.
     cifar = timm.data.resolve_data_config(model=model)
     assert cifar["mean"] == (0.4914, 0.4822, 0.4465) and cifar["std"] == (0.2470, 0.2435, 0.2616)
@@ -196,12 +201,160 @@ def test_timm_create_model_builds_our_variants() -> None:
     )
     assert imagenet["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
     assert imagenet["std"] == timm.data.IMAGENET_DEFAULT_STD
-    with pytest.raises(ValueError, match=r"no pretrained weights.*load_pretrained"):
+    with pytest.raises(RuntimeError, match="No pretrained weights exist for vitpkg_vit_tiny"):
         timm.create_model("vitpkg_vit_tiny_patch4_32", pretrained=True)
     with pytest.raises(ValueError, match="global_pool='map' is not supported"):
         timm.create_model("vitpkg_vit_tiny_patch4_32", global_pool="map")
+    with pytest.raises(ValueError, match="global_pool='token' needs class_token=True|pool='cls'"):
+        timm.create_model("vitpkg_cct_2_3x2_32", global_pool="token")
     with pytest.raises(TypeError, match="unknown model option"):
         timm.create_model("vitpkg_vit_tiny_patch4_32", qk_norm=True)
+    with pytest.raises(ValueError, match="square"):
+        timm.create_model("vitpkg_vit_tiny_patch4_32", img_size=(32, 16))
+
+
+def test_timm_pretrained_file_overlay_adapts_timm_weights(tmp_path) -> None:
+    # timm's pretrained=True path with a local file: a timm 224/16 ViT's weights (1000 classes,
+    # declared by the overlay) into a 32-px model with 10 classes, through the same adaptation as
+    # load_pretrained (position embedding 14x14 -> 8x8, patch kernel 16 -> 4); timm drops the
+    # head of the other class count.
+    state = _imagenet_state()
+    path = tmp_path / "imagenet.pth"
+    torch.save(state, path)
+    theirs = timm.create_model(
+        "vitpkg_vit_tiny_patch4_32",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=1000),
+        num_classes=10,
+        **SMALL,
+    )
+    expected = create_model("vit_tiny_patch4_32", num_classes=10, **SMALL)
+    load_pretrained(expected, state)
+    got = theirs.state_dict()
+    for key, value in expected.state_dict().items():
+        if not key.startswith("head."):
+            torch.testing.assert_close(got[key], value, atol=0, rtol=0, msg=key)
+    assert theirs.pretrained_cfg["file"] == str(path)
+
+
+def test_reset_classifier_and_global_pool() -> None:
+    model = create_model("vit_tiny_patch4_32", **SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)
+    assert model.get_classifier() is model.head and model.head_hidden_size == 32
+    model.reset_classifier(5)
+    assert model.num_classes == 5 and model(x).shape == (2, 5) and model.global_pool == "token"
+    model.reset_classifier(0)
+    torch.testing.assert_close(model(x), tokens[:, 0])  # the pooled class token
+    model.reset_classifier(0, "avg")
+    torch.testing.assert_close(model(x), tokens[:, 1:].mean(1))
+    model.reset_classifier(0, "")
+    torch.testing.assert_close(model(x), tokens)  # no pooling: every token
+    with pytest.raises(ValueError, match="cannot be added"):
+        model.reset_classifier(0, "seq")
+    cct = create_model("cct_2_3x2_32")
+    with pytest.raises(ValueError, match="needs a class token"):
+        cct.reset_classifier(3, "token")
+    cct.reset_classifier(3)
+    assert cct.seq_pool is not None and cct.global_pool == "seq"
+    cct.reset_classifier(0, "")
+    assert cct.seq_pool is None  # removed with its pooling: it would get no gradient
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    assert create_model("cct_2_3x2_32_sine").no_weight_decay() == set()  # fixed positions
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch4_32", "cct_7_3x1_32"])
+def test_forward_intermediates_are_the_blocks_outputs(name: str) -> None:
+    model = _randomise(create_model(name, depth=3))
+    recorded: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: recorded.append(o)) for b in model.blocks]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        for hook in hooks:
+            hook.remove()
+        final, nchw = model.forward_intermediates(x)
+        nlc = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+        normed = model.forward_intermediates(x, indices=[0, -1], norm=True, output_fmt="NLC")[1]
+        early, last = model.forward_intermediates(x, indices=1, stop_early=True)
+        with_prefix = model.forward_intermediates(
+            x, indices=[1], return_prefix_tokens=True, intermediates_only=True
+        )
+    p, (rows, cols) = model.num_prefix_tokens, model.grid_size
+    assert len(nchw) == len(nlc) == len(recorded) == 3
+    torch.testing.assert_close(final, features, atol=0, rtol=0)
+    for i, block_out in enumerate(recorded):
+        torch.testing.assert_close(nlc[i], block_out[:, p:], atol=0, rtol=0)
+        grid = block_out[:, p:].reshape(2, rows, cols, -1).permute(0, 3, 1, 2)
+        torch.testing.assert_close(nchw[i], grid, atol=0, rtol=0)
+    torch.testing.assert_close(normed[0], model.norm(recorded[0])[:, p:], atol=0, rtol=0)
+    torch.testing.assert_close(normed[1], model.norm(recorded[2])[:, p:], atol=0, rtol=0)
+    assert len(last) == 1 and torch.equal(last[0], nchw[2])
+    torch.testing.assert_close(early, features, atol=0, rtol=0)
+    torch.testing.assert_close(with_prefix[0][1], recorded[1][:, :p], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=[3])
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize(
+    ("name", "reduction"),
+    [("vit_tiny_patch4_32", 4), ("cct_7_3x1_32", 2), ("cct_7_3x2_32", 4)],
+)
+def test_features_only_maps_have_the_declared_shapes(name: str, reduction: int) -> None:
+    features = timm.create_model(f"{TIMM_PREFIX}{name}", features_only=True, out_indices=(0, -1))
+    info = features.feature_info
+    width = create_model(name).embed_dim
+    assert info.channels() == [width, width] and info.reduction() == [reduction, reduction]
+    assert info.module_name()[0] == "blocks.0"
+    maps = features(torch.randn(2, 3, 32, 32))
+    assert [tuple(m.shape) for m in maps] == [
+        (2, c, 32 // r, 32 // r) for c, r in zip(info.channels(), info.reduction(), strict=True)
+    ]
+    # Pruned to what the features need: no blocks past the last index, no norm, no head.
+    depth = create_model(name).config.depth
+    assert len(features.model.blocks) == depth and isinstance(features.model.head, nn.Identity)
+    first = timm.create_model(f"{TIMM_PREFIX}{name}", features_only=True, out_indices=(0,))
+    assert len(first.model.blocks) == 1
+
+
+def _grads(model: nn.Module, x: torch.Tensor, checkpointing: bool) -> tuple[dict, int, int]:
+    """Parameter gradients of a fixed loss (same seed: the same dropout draws), the elements
+    autograd saved for the backward pass, and how often block 0 ran."""
+    model.set_grad_checkpointing(checkpointing)
+    saved, calls = [], []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, i: calls.append(1))
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).square().sum().backward()
+    hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return grads, sum(saved), len(calls)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(pool="mean"), dict(drop_path_rate=0.3, patch_drop_rate=0.25)],
+    ids=["class-token", "mean", "stochastic"],
+)
+def test_grad_checkpointing_gives_the_same_gradients(overrides: dict) -> None:
+    model = _randomise(create_model("vit_tiny_patch4_32", **SMALL, **overrides)).train()
+    x = torch.randn(2, 3, 32, 32)
+    expected, saved_plain, calls_plain = _grads(model, x, checkpointing=False)
+    got, saved, calls = _grads(model, x, checkpointing=True)
+    # Real checkpointing: each block runs again in the backward pass (from its saved input, with
+    # the same random draws), and autograd keeps far fewer activations.
+    assert (calls_plain, calls) == (1, 2)
+    assert saved < saved_plain / 2
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_convert_state_dict_renames_and_unwraps() -> None:

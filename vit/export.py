@@ -23,7 +23,7 @@ from torch import nn
 from vit.engine.checkpoint import checkpoint_preprocess, load_model
 from vit.errors import CliParser, ConfigError, UsageError, run_command
 from vit.models import num_params, save_pretrained
-from vit.models.pretrained import CONFIG_NAME, EXPORT_FORMAT, WEIGHTS_NAME
+from vit.models.pretrained import CONFIG_NAME, EXPORT_FORMAT, WEIGHTS_NAME, timm_architecture
 from vit.preprocess import Preprocess
 
 __all__ = ["export_checkpoint", "export_onnx", "main", "train_command"]
@@ -62,7 +62,8 @@ def export_checkpoint(
             f"generate() loop is not one graph): export it without --onnx"
         )
     preprocess = checkpoint_preprocess(ckpt)
-    config = export_config(ckpt, preprocess, used_ema=weights != "model" and bool(ckpt.get("ema")))
+    used_ema = weights != "model" and bool(ckpt.get("ema"))
+    config = export_config(ckpt, preprocess, used_ema=used_ema, model=model)
     try:
         save_pretrained(model, out, config=config)
     except OSError as e:
@@ -75,8 +76,15 @@ def export_checkpoint(
     return out
 
 
-def export_config(ckpt: dict[str, Any], preprocess: Preprocess, *, used_ema: bool) -> dict:
-    """The entries of ``config.json`` for a training checkpoint."""
+def export_config(
+    ckpt: dict[str, Any],
+    preprocess: Preprocess,
+    *,
+    used_ema: bool,
+    model: nn.Module | None = None,
+) -> dict:
+    """The entries of ``config.json`` for a training checkpoint (``model``: its rebuilt model, for
+    a classifier's timm ``pretrained_cfg``)."""
     from vit.engine.tasks import get_task
 
     spec, state, task = ckpt["model_spec"], ckpt["task_state"], ckpt["task"]
@@ -84,7 +92,7 @@ def export_config(ckpt: dict[str, Any], preprocess: Preprocess, *, used_ema: boo
     primary = get_task(task).primary_metric
     progress = ckpt.get("progress") or {}
     config: dict[str, Any] = {
-        "architecture": spec["name"],
+        "architecture": timm_architecture(spec["name"], task),
         "model_args": spec["kwargs"],
         "task": task,
     }
@@ -93,6 +101,7 @@ def export_config(ckpt: dict[str, Any], preprocess: Preprocess, *, used_ema: boo
     else:
         config["num_classes"] = len(state["classes"])
         config["class_names"] = list(state["classes"])
+        config["pretrained_cfg"] = timm_pretrained_cfg(model, preprocess, list(state["classes"]))
     config |= {
         "img_size": preprocess.img_size,
         "preprocess": preprocess.to_dict(),
@@ -108,6 +117,37 @@ def export_config(ckpt: dict[str, Any], preprocess: Preprocess, *, used_ema: boo
         "train_config": ckpt["config"],
     }
     return json.loads(json.dumps(config, default=str))  # plain JSON data, tuples as lists
+
+
+def timm_pretrained_cfg(
+    model: nn.Module | None, preprocess: Preprocess, class_names: list[str]
+) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of an exported classifier: the preprocessing it was trained
+    with (what ``timm.data.resolve_data_config`` builds transforms from), its class names, and
+    the names of its first convolution and classifier (timm adapts ``in_chans`` and drops a head
+    of another class count by them)."""
+    from vit.models import VisionTransformer
+
+    size = preprocess.img_size
+    if isinstance(model, VisionTransformer):
+        from vit.timm_interop import pretrained_cfg
+
+        base = pretrained_cfg(model.config)
+    else:  # a timm model (`--model timm:NAME`): its own registered configuration
+        from timm.models import filter_pretrained_cfg
+
+        base = filter_pretrained_cfg(dict(getattr(model, "pretrained_cfg", {})), remove_source=True)
+        base.pop("state_dict", None)
+    return base | {
+        "input_size": (3, size, size),
+        "mean": preprocess.mean,
+        "std": preprocess.std,
+        "interpolation": preprocess.interpolation,
+        "crop_pct": 1.0,
+        "crop_mode": "squash" if preprocess.resize == "squash" else "center",
+        "num_classes": len(class_names),
+        "label_names": class_names,
+    }
 
 
 def train_command(run_config: dict[str, Any]) -> str:

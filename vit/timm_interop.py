@@ -1,23 +1,46 @@
-"""timm interop: our variants in timm's registry, for users who work through timm.
+"""timm interop: our classifiers as first-class timm models, for users who work through timm.
 
-``import vit.timm_interop`` registers every ``vit_*`` variant in timm as ``vitpkg_<name>``, so
-``timm.create_model("vitpkg_vit_tiny_patch4_32", num_classes=10)`` works; ``import vit.models``
-does not import timm and registers nothing. The conversions live with the models and are
-re-exported here: :func:`from_timm` (a timm ViT as ours, same weights) and
+``import vit.timm_interop`` (the one line a timm-only process needs) registers every ``vit_*`` and
+``cct_*`` variant in timm as ``vitpkg_<name>``, with a registered ``default_cfgs`` entry and an
+entrypoint through timm's ``build_model_with_cfg``: ``timm.create_model("vitpkg_vit_tiny_patch4_32",
+num_classes=10)``, ``features_only=True`` (timm's ``FeatureGetterNet`` over
+``forward_intermediates``), ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)``, and
+``timm.create_model("local-dir:EXPORT", pretrained=True)`` on a ``python -m vit.export`` folder.
+timm's own ``tests/test_models.py`` runs on every registered name (``.ci/timm_models.sh``).
+
+The captioners (``caption_*``) are not registered: timm's factory, data config and tests are for
+image classifiers and backbones (``forward(images) -> logits``, ``reset_classifier``,
+``forward_head``), while a captioner maps images *and tokens* to next-token logits and generates
+text; its image encoder is one of the classifiers registered here.
+
+``import vit.models`` does not import timm and registers nothing. The conversions live with the
+models and are re-exported here: :func:`from_timm` (a timm ViT as ours, same weights) and
 :func:`load_pretrained` (timm's or our weights into our model, adapted at the boundary).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
-import timm
-from torch import nn
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
 
-from vit.models import VARIANTS, VisionTransformer, create_model
-from vit.models._builder import LoadReport, convert_timm_state_dict, load_pretrained
+from vit.models import VARIANTS, VisionTransformer, ViTConfig, create_model
+from vit.models._builder import (
+    LoadReport,
+    adapt_state_dict,
+    convert_timm_state_dict,
+    load_pretrained,
+)
 from vit.models._from_timm import config_from_timm, from_timm
+from vit.models._registry import TIMM_PREFIX
+from vit.models.vision_transformer import GLOBAL_POOL
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -26,18 +49,16 @@ __all__ = [
     "LoadReport",
     "config_from_timm",
     "convert_timm_state_dict",
+    "default_cfgs",
     "from_timm",
     "load_pretrained",
+    "pretrained_cfg",
     "pretrained_state_dict",
     "register_timm_variants",
 ]
 
-TIMM_PREFIX = "vitpkg_"  # timm already owns vit_tiny_patch16_224 and friends
+logger = logging.getLogger(__name__)
 
-
-# ----------------------------------------------------------------------------------------------
-# timm registry
-# ----------------------------------------------------------------------------------------------
 # The per-channel mean and standard deviation of CIFAR-10's 50,000 training images, over all their
 # pixels on [0, 1]: (0.49140, 0.48216, 0.44653) and (0.24703, 0.24349, 0.26159), e.g. computed in
 # kuangliu/pytorch-cifar#19 and MadryLab/robustness#70 from torchvision's CIFAR10 arrays. The
@@ -47,45 +68,110 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 # timm-style keyword → ours; values pass through unless translated below.
 _TIMM_KWARGS = {"init_values": "layer_scale_init"}
-_GLOBAL_POOL = {"token": "cls", "avg": "mean"}
+_POOL = {timm_name: ours for ours, timm_name in GLOBAL_POOL.items()}  # 'token' → 'cls', ...
+# The families registered in timm: the image classifiers (captioners are not; see above).
+_FAMILIES = ("vit_", "cct_")
+
+
+def pretrained_cfg(config: ViTConfig, **extra: Any) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of a model of ``config``: the input timm's transforms build
+    (``timm.data.resolve_data_config``), the first convolution and the classifier's names.
+
+    The 32-pixel variants are CIFAR-sized and normalise with CIFAR-10's statistics, the others
+    with ImageNet's; both take the whole image (``crop_pct`` 1.0, as ``vit.preprocess``). The input
+    size is fixed: the position embedding has one slot per token of ``img_size``.
+    """
+    cifar = config.img_size == 32
+    first_conv = "patch_embed.proj" if config.tokenizer == "patch" else "patch_embed.conv_layers.0.0"
+    return {
+        "num_classes": config.num_classes,
+        "input_size": (config.in_chans, config.img_size, config.img_size),
+        "fixed_input_size": True,
+        "pool_size": None,  # NLC output: no spatial pool size (as timm's ViTs)
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "mean": CIFAR10_MEAN if cifar else IMAGENET_DEFAULT_MEAN,
+        "std": CIFAR10_STD if cifar else IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv,
+        "classifier": "head",
+        "license": "mit",
+        **extra,
+    }
+
+
+def _variant_config(name: str) -> ViTConfig:
+    return ViTConfig(**VARIANTS[name].defaults)
+
+
+def _timm_names() -> list[str]:
+    return sorted(n for n in VARIANTS if n.startswith(_FAMILIES) and hasattr(VARIANTS[n], "defaults"))
+
+
+# Read by timm's register_model: one untagged config (no weights) per registered name.
+default_cfgs = generate_default_cfgs(
+    {f"{TIMM_PREFIX}{n}": pretrained_cfg(_variant_config(n)) for n in _timm_names()}
+)
+
+
+def _build(
+    variant: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> VisionTransformer:
+    """The ``model_cls`` handed to ``build_model_with_cfg``: timm's keywords → our variant's.
+
+    ``global_pool`` ('token' | 'avg' | 'seq' | '') sets the pooling and, as in timm, keeps the
+    variant's class token (so its weights still load); ``init_values`` is ``layer_scale_init``;
+    ``img_size`` may be timm's (H, W) (square only); ``device``/``dtype`` place the parameters.
+    """
+    overrides = {_TIMM_KWARGS.get(k, k): v for k, v in kwargs.items()}
+    size = overrides.get("img_size")
+    if isinstance(size, tuple | list):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"img_size={tuple(size)}: vit models take square images, (S, S)")
+        overrides["img_size"] = int(size[0])
+    if "global_pool" in overrides:
+        pool = overrides.pop("global_pool")
+        if pool not in _POOL:
+            raise ValueError(
+                f"global_pool={pool!r} is not supported; use one of "
+                f"{', '.join(map(repr, _POOL))} ('token': class token, '': no pooling)"
+            )
+        overrides["pool"] = _POOL[pool]
+        overrides.setdefault("class_token", _variant_config(variant).class_token)
+    place = torch.device(device) if device is not None else contextlib.nullcontext()
+    with place:
+        model = create_model(variant, **overrides)
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
+def _filter(state_dict: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
+    """timm's ``pretrained_filter_fn``: timm ViT weights (or ours) adapted to ``model`` by
+    :func:`vit.models._builder.adapt_state_dict`; timm then adapts the input channels, drops a head
+    of another class count and loads strictly."""
+    state, notes = adapt_state_dict(model, state_dict)
+    for note in notes:
+        logger.warning("pretrained weights: %s", note)
+    return state
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
+    return build_model_with_cfg(
+        partial(_build, variant),
+        f"{TIMM_PREFIX}{variant}",
+        pretrained,
+        pretrained_filter_fn=_filter,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
 
 
 def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if pretrained:
-            raise ValueError(
-                f"no pretrained weights ship with {TIMM_PREFIX}{name}: create it with "
-                f"pretrained=False, then load a checkpoint with "
-                f"vit.models.load_pretrained(model, state_dict_or_path)"
-            )
-        # timm's factory always passes these; we have no pretrained configs.
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        overrides = {_TIMM_KWARGS.get(k, k): v for k, v in kwargs.items()}
-        if "global_pool" in overrides:
-            pool = overrides.pop("global_pool")
-            if pool not in _GLOBAL_POOL:
-                raise ValueError(
-                    f"global_pool={pool!r} is not supported; use 'token' (class token) or 'avg'"
-                )
-            overrides["pool"] = _GLOBAL_POOL[pool]
-        model = cast(VisionTransformer, create_model(name, **overrides))  # a vit_* variant
-        config = model.config
-        # Read by timm.data.resolve_data_config (timm's transforms), which falls back to ImageNet's
-        # statistics without mean/std: the 32-pixel variants are CIFAR-sized, so CIFAR-10's.
-        imagenet = (timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)
-        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name.endswith("_32") else imagenet
-        # torch types Module.__setattr__ values as Tensor | Module; any attribute can be set.
-        model.pretrained_cfg = {  # type: ignore[assignment]
-            "input_size": (config.in_chans, config.img_size, config.img_size),
-            "mean": mean,
-            "std": std,
-            "num_classes": config.num_classes,
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "architecture": f"{TIMM_PREFIX}{name}",
-        }
-        return model
+        return _create(name, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = f"{TIMM_PREFIX}{name}"
     entrypoint.__module__ = __name__
@@ -94,16 +180,19 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
 
 
 def register_timm_variants() -> list[str]:
-    """Register each ``vit_*`` variant of :data:`vit.models.VARIANTS` not yet known to timm as
-    ``vitpkg_<name>``; returns the names registered now. Runs when this module is imported."""
+    """Register each ``vit_*``/``cct_*`` variant of :data:`vit.models.VARIANTS` not yet known to
+    timm as ``vitpkg_<name>``; returns the names registered now. Runs when this module is
+    imported."""
+    import timm
+
     registered = []
-    for name in sorted(VARIANTS):
+    for name in _timm_names():
         timm_name = f"{TIMM_PREFIX}{name}"
-        if not name.startswith("vit_") or timm.is_model(timm_name):
+        if timm.is_model(timm_name):
             continue
         fn = _timm_entrypoint(name)
         globals()[timm_name] = fn  # timm lists the entrypoint in this module's __all__
-        timm.models.register_model(fn)
+        register_model(fn)
         registered.append(timm_name)
     return registered
 

@@ -214,22 +214,29 @@ class Trainer:
                 print(f"init-from {path}: {note}", file=sys.stderr)
 
     def state_dict(self) -> dict[str, Any]:
+        model = self.model.state_dict()
+        ema = self.ema.module.state_dict() if self.ema is not None else None
+        scaler = self.scaler.state_dict()
         return {
             "format": CHECKPOINT_FORMAT,
             "task": self.cfg.task,
             "task_state": self.task.state,
             "model_spec": self.task.model_spec(),
             "config": dataclasses.asdict(self.cfg),
-            "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "model": model,
+            "ema": ema,
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": scaler,
             "progress": dataclasses.asdict(self.progress),
             "rng": self._rng_states(),
             "world_size": self.world_size,
             "metrics": self.last_metrics,
             "elapsed": self.elapsed_before + time.monotonic() - self.t_start,
             "command": self.command,
+            # timm's names for the same objects (pickle stores each once): what
+            # timm.models.load_checkpoint(use_ema=True|False) and resume_checkpoint read; "epoch"
+            # is the next epoch to run (resume_checkpoint's answer; no "version", which would add 1).
+            **_timm_keys(model, ema, scaler, self.progress.epoch),
         }
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
@@ -698,3 +705,13 @@ def train(cfg: RunConfig, command: str = "", notes: Sequence[str] = ()) -> dict[
         "seconds": round(time.monotonic() - trainer.t_start, 1),
         "out_dir": str(trainer.out),
     }
+
+
+def _timm_keys(
+    model: dict[str, Any], ema: dict[str, Any] | None, scaler: dict[str, Any], epoch: int
+) -> dict[str, Any]:
+    """The entries of a timm training checkpoint (timm/models/_helpers.py) that alias ours."""
+    keys = {"state_dict": model, "state_dict_ema": ema, "epoch": epoch}
+    if scaler:  # timm's NativeScaler wraps a torch.amp.GradScaler under this key
+        keys["amp_scaler"] = scaler
+    return keys

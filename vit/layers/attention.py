@@ -4,6 +4,10 @@ al. 2017 §3.2), with the explicit reference path that returns the softmax weigh
 The fast path is ``torch.nn.functional.scaled_dot_product_attention``; the explicit path
 (:func:`scaled_dot_product_attention`) runs only while a ``recorder`` is set (by
 :func:`vit.rollout.capture_attention`), so training never pays for visualisation.
+
+Head splits are plain ``unflatten``/``transpose``/``flatten`` calls rather than einops patterns,
+each with its shapes in a comment: ``torch.fx`` tracing and ``torch.jit.script`` (timm's model
+tests, feature extraction for detection) cannot follow einops functions.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = [
@@ -92,7 +95,7 @@ def merge_masks(
         raise TypeError(
             f"key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}"
         )
-    keep = rearrange(~key_padding_mask, "b s -> b 1 1 s")
+    keep = (~key_padding_mask)[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
     if attn_mask is None:
         return keep
     if attn_mask.dtype == torch.bool:
@@ -100,15 +103,16 @@ def merge_masks(
     return attn_mask.to(dtype).masked_fill(~keep, float("-inf"))
 
 
-def _split_heads(x: Tensor, parts: int, num_heads: int) -> list[Tensor]:
-    """A fused projection (B, L, parts·D) → ``parts`` tensors (B, heads, L, head_dim).
+def _split_heads(x: Tensor, parts: int, num_heads: int) -> Tensor:
+    """A fused projection (B, L, parts·D) → (B, L, parts, heads, head_dim).
 
-    Split on the ``parts`` axis while tokens stay outermost, then move heads: the same strided
-    views as splitting ``parts b h n d``, but backward stacks the gradients straight into
-    (B, L, parts, h, d), which saves a full copy of them per block.
+    Callers unbind the ``parts`` axis while tokens stay outermost, then move heads (each part
+    (B, L, h, d) → (B, h, L, d)): the same strided views as splitting ``parts b h n d``, but
+    backward stacks the gradients straight into (B, L, parts, h, d), which saves a full copy of
+    them per block. The unbind is unpacked in the caller (``q, k, v = ...``), the one way
+    ``torch.fx`` can trace splitting a tensor into several.
     """
-    x = rearrange(x, "b n (parts h d) -> b n parts h d", parts=parts, h=num_heads)
-    return [t.transpose(1, 2) for t in x.unbind(2)]
+    return x.unflatten(-1, (parts, num_heads, -1))
 
 
 class _MultiHeadAttention(nn.Module):
@@ -145,7 +149,8 @@ class _MultiHeadAttention(nn.Module):
                 mask = causal_mask(q.shape[2], k.shape[2], device=q.device)
             out, weights = scaled_dot_product_attention(q, k, v, mask, self.scale, dropout_p)
             self.recorder(weights)
-        return self.proj_drop(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+        out = out.transpose(1, 2).flatten(2)  # (B, h, L, d) -> (B, L, h·d)
+        return self.proj_drop(self.to_out(out))
 
 
 class Attention(_MultiHeadAttention):
@@ -168,7 +173,6 @@ class Attention(_MultiHeadAttention):
     def forward(
         self,
         x: Tensor,
-        *,
         attn_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
@@ -182,7 +186,8 @@ class Attention(_MultiHeadAttention):
         keys; ``cache`` (a dict owned by the caller, one per layer) keeps the keys/values of earlier
         decode steps.
         """
-        q, k, v = _split_heads(self.to_qkv(x), 3, self.num_heads)  # each (B, h, L, d)
+        q, k, v = _split_heads(self.to_qkv(x), 3, self.num_heads).unbind(2)  # each (B, L, h, d)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, h, L, d)
         if cache is not None:  # decoding: this step's keys/values after the earlier ones
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
@@ -245,11 +250,12 @@ class CrossAttention(_MultiHeadAttention):
         """Attend from ``x`` (B, L, D) to ``context`` (B, S, context_dim) → (B, L, D).
         ``key_padding_mask`` (B, S): True marks padding; ``cache``: the context's keys/values,
         projected once and reused by later decode steps (the memory does not change)."""
-        (q,) = _split_heads(self.to_q(x), 1, self.num_heads)  # (B, h, L, d)
+        q = self.to_q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, h, L, d)
         if cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
-            k, v = _split_heads(self.to_kv(context), 2, self.num_heads)  # each (B, h, S, d)
+            k, v = _split_heads(self.to_kv(context), 2, self.num_heads).unbind(2)  # (B, S, h, d)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # each (B, h, S, d)
             if cache is not None:
                 cache["k"], cache["v"] = k, v
         return self._attend(q, k, v, merge_masks(None, key_padding_mask, q.dtype), False)

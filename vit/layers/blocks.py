@@ -68,7 +68,6 @@ class EncoderBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        *,
         attn_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         num_queries: int | None = None,

@@ -14,7 +14,6 @@ from dataclasses import dataclass, fields
 from itertools import pairwise
 from typing import Any
 
-from einops import rearrange
 from torch import Tensor, nn
 
 from vit.errors import did_you_mean
@@ -131,7 +130,7 @@ class ConvTokenizer(nn.Module):
         return rows * cols
 
     def forward(self, x: Tensor) -> Tensor:
-        return rearrange(self.conv_layers(x), "b d h w -> b (h w) d")  # (B, N, D)
+        return self.conv_layers(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h·w, D)
 
 
 class SequencePool(nn.Module):
@@ -139,8 +138,8 @@ class SequencePool(nn.Module):
     each token, a softmax over the N tokens turns the scores into weights, and the output is the
     weighted sum of the tokens. ``x_L`` (B, N, D) -> (B, D).
 
-    ``forward(x, need_weights=True)`` also returns the (B, N) weights; ``recorder`` (a callable,
-    e.g. ``list.append``) receives them on every forward while set. Initialised as CCT: truncated
+    :meth:`forward_with_weights` also returns the (B, N) weights; ``recorder`` (a callable, e.g.
+    ``list.append``) receives them on every forward while set. Initialised as CCT: truncated
     normal weights (std 0.02), zero bias.
     """
 
@@ -151,9 +150,14 @@ class SequencePool(nn.Module):
         nn.init.zeros_(self.attention_pool.bias)
         self.recorder: Callable[[Tensor], None] | None = None
 
-    def forward(self, x: Tensor, *, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        weights = rearrange(self.attention_pool(x), "b n 1 -> b n").softmax(dim=-1)
+    def forward_with_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` (B, N, D) → ``(pooled (B, D), weights (B, N))``."""
+        weights = self.attention_pool(x).squeeze(-1).softmax(dim=-1)  # (B, N, 1) -> (B, N)
         pooled = (weights.unsqueeze(1) @ x).squeeze(1)  # (B, 1, N) @ (B, N, D) -> (B, D)
         if self.recorder is not None:
             self.recorder(weights)
-        return (pooled, weights) if need_weights else pooled
+        return pooled, weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` (B, N, D) → (B, D). One return type: ``torch.jit.script`` compiles it."""
+        return self.forward_with_weights(x)[0]

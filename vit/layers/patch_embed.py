@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = ["PatchEmbedding", "check_images"]
@@ -69,7 +68,7 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rearrange(self.proj(x), "b d gh gw -> b (gh gw) d")  # (B, N, D)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, gh·gw, D)
 
 
 def _divisors_hint(n: int) -> str:

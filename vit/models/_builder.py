@@ -29,6 +29,7 @@ __all__ = [
     "MAX_PARAMS",
     "LoadReport",
     "build",
+    "adapt_state_dict",
     "convert_timm_state_dict",
     "load_pretrained",
     "upgrade_spec",
@@ -130,14 +131,9 @@ def load_pretrained(
     """
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"load_pretrained expects a vit VisionTransformer, got {type(model)}")
-    state = convert_timm_state_dict(_read_state_dict(state_dict_or_path))
-    report = LoadReport()
+    state, notes = adapt_state_dict(model, _read_state_dict(state_dict_or_path))
+    report = LoadReport(notes=notes)
     target = model.state_dict()
-
-    if "reg_token" in state:
-        raise ValueError("the checkpoint has register tokens (reg_token), which vit does not use")
-    _adapt_position_embedding(model, state, report)
-    _adapt_patch_kernel(target, state, report)
     _adapt_head(target, state, report)
 
     mismatched = [
@@ -158,6 +154,28 @@ def load_pretrained(
     for note in report.notes:
         logger.warning("load_pretrained: %s", note)
     return report
+
+
+def adapt_state_dict(
+    model: VisionTransformer, state: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The geometric part of :func:`load_pretrained`, as a state dict for ``model``: timm key
+    names renamed, the position embedding resampled to the model's grid (its class-token slot
+    dropped for a model without one), a patch kernel of another size resampled. Returns the
+    adapted state dict and a note per adaptation; the head, the input channels and any other
+    mismatch are left for the caller to check (timm's ``load_pretrained`` adapts the channels and
+    drops a head of another class count, ``vit.timm_interop`` passes this as its filter).
+
+    Raises:
+        ValueError: register tokens, or a position embedding that is not a square grid.
+    """
+    state = convert_timm_state_dict(state)
+    report = LoadReport()
+    if "reg_token" in state:
+        raise ValueError("the checkpoint has register tokens (reg_token), which vit does not use")
+    _adapt_position_embedding(model, state, report)
+    _adapt_patch_kernel(model.state_dict(), state, report)
+    return state, report.notes
 
 
 def _read_state_dict(source: Mapping[str, Tensor] | str | os.PathLike[str]) -> dict[str, Tensor]:

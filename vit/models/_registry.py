@@ -12,6 +12,7 @@ from torch import nn
 from vit.errors import did_you_mean
 
 __all__ = [
+    "TIMM_PREFIX",
     "VARIANTS",
     "check_options",
     "create_model",
@@ -22,6 +23,9 @@ __all__ = [
 ]
 
 VARIANTS: dict[str, Callable[..., nn.Module]] = {}
+# Our names in timm's registry (vit.timm_interop): timm already owns vit_tiny_patch16_224 and
+# friends. Export folders name their architecture this way, so timm loads them.
+TIMM_PREFIX = "vitpkg_"
 
 
 def register_variant(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -52,6 +56,7 @@ def register_config_variant(
         return build(defaults, overrides)
 
     variant.__doc__ = f"{name}: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}"
+    variant.defaults = dict(defaults)  # type: ignore[attr-defined]  # read by vit.timm_interop
     register_variant(name)(variant)
 
 

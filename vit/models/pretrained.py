@@ -5,10 +5,17 @@ The folder is the Hub's layout for PyTorch models (``huggingface_hub.upload_fold
 as it is; ``python -m vit.export`` writes it from a training checkpoint, with a ``README.md`` model
 card). ``config.json`` holds::
 
-    {"format": "vit.export/1", "architecture": "vit_tiny_patch4_32", "model_args": {...},
+    {"format": "vit.export/1", "architecture": "vitpkg_vit_tiny_patch4_32", "model_args": {...},
      "task": "classify", "num_classes": 10, "class_names": [...],    # captioners: "vocab": [...]
+     "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [...], "label_names": [...], ...},
      "img_size": 32, "preprocess": {...},  # vit.preprocess.Preprocess.to_dict()
      "weights": "ema" | "model", "metric": {"name": "top1", "value": 0.81, ...}, "vit_version": ...}
+
+A classifier's folder is also timm's layout (``architecture``, ``num_classes``, ``model_args``,
+``pretrained_cfg``): ``import vit.timm_interop; timm.create_model("local-dir:DIR",
+pretrained=True)`` loads it. Its ``architecture`` is therefore timm's registry name:
+``vitpkg_<variant>`` for ours (:func:`timm_architecture`), ``NAME`` for a ``timm:NAME`` model.
+Exports written before (no ``pretrained_cfg``) name our variant or ``timm:NAME`` and still load.
 
 We do not use ``huggingface_hub.PyTorchModelHubMixin``: it rebuilds a model by calling its class
 with the ``__init__`` arguments it recorded, but ours are built from a variant name plus keyword
@@ -32,6 +39,7 @@ from torch import nn
 
 from vit.errors import CheckpointError, UsageError
 from vit.models._builder import build, upgrade_spec
+from vit.models._registry import TIMM_PREFIX
 from vit.preprocess import Preprocess
 
 __all__ = [
@@ -42,6 +50,8 @@ __all__ = [
     "read_export",
     "read_export_config",
     "save_pretrained",
+    "spec_name",
+    "timm_architecture",
 ]
 
 EXPORT_FORMAT = "vit.export/1"
@@ -95,6 +105,29 @@ def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; restored at once
     os.umask(mask)
     return mask
+
+
+def timm_architecture(name: str, task: str) -> str:
+    """``config.json``'s ``architecture`` for a model spec named ``name``: for a classifier, the
+    name ``timm.create_model`` knows (``vitpkg_<name>`` for ours, ``NAME`` for ``timm:NAME``); a
+    captioner keeps ours (timm builds no captioners)."""
+    if task != "classify":
+        return name
+    if name.startswith("timm:"):
+        return name.removeprefix("timm:")
+    return f"{TIMM_PREFIX}{name}"
+
+
+def spec_name(config: dict[str, Any]) -> str:
+    """The model spec name of an export's ``config.json``: the inverse of
+    :func:`timm_architecture` for timm-layout configs (those with a ``pretrained_cfg``), the
+    ``architecture`` as it is for the ones written before."""
+    arch = config["architecture"]
+    if config.get("task") != "classify" or "pretrained_cfg" not in config:
+        return arch
+    if arch.startswith(TIMM_PREFIX):
+        return arch.removeprefix(TIMM_PREFIX)
+    return f"timm:{arch}"
 
 
 def read_export_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -172,7 +205,7 @@ def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
     except (UsageError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME} is malformed: {e}") from None
     spec = upgrade_spec(
-        {"name": config["architecture"], "kwargs": config["model_args"]}, config["task"]
+        {"name": spec_name(config), "kwargs": config["model_args"]}, config["task"]
     )
     try:
         model = build(spec, max_params=stored)
@@ -239,7 +272,9 @@ def _pretrained_cfg(config: dict[str, Any], preprocess: Preprocess) -> dict[str,
     1.0, timm's centre crop is ours: the shorter side to the size, then the centre square."""
     classify = config["task"] != "caption"
     size = preprocess.img_size
+    stored = config.get("pretrained_cfg")
     return {
+        **(stored if isinstance(stored, dict) else {}),  # first_conv, classifier, ... (timm layout)
         "architecture": config["architecture"],
         "input_size": (3, size, size),
         "mean": preprocess.mean,

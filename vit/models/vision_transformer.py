@@ -5,7 +5,6 @@ Scale". The convolutional tokenizer and sequence pooling options are those of th
 Convolutional Transformer (Hassani et al. 2021; variants in :mod:`vit.models.cct`).
 """
 
-from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vit.errors import did_you_mean
 from vit.layers import (
@@ -27,7 +27,16 @@ from vit.layers.conv_attention import CONV_ATTENTION
 from vit.layers.conv_stem import ConvTokenizer, SequencePool, conv_grid_size
 from vit.models._registry import check_options, register_config_variant
 
-__all__ = ["ViTConfig", "VisionTransformer"]
+try:  # torch.fx.symbolic_trace only; torch.export and torch.compile run the input check
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
+except ImportError:  # torch < 2.6
+    from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_tracing
+
+__all__ = ["GLOBAL_POOL", "POOLS", "ViTConfig", "VisionTransformer", "take_indices"]
+
+POOLS = ("cls", "mean", "seq", "none")
+# ViTConfig.pool → timm's name for it (the `global_pool` argument and attribute of timm's models).
+GLOBAL_POOL = {"cls": "token", "mean": "avg", "seq": "seq", "none": ""}
 
 
 @dataclass
@@ -59,8 +68,9 @@ class ViTConfig:
     # "cls": classify from a learned [class] token (ViT). "mean": average the patch tokens, which
     # works as well on small images and needs no extra token (Beyer et al. 2022). "seq": CCT's
     # sequence pooling (Hassani et al. 2021, Sec. 3.2), a learned softmax-weighted average of the
-    # tokens: one linear layer instead of a class token attended to in every block.
-    pool: Literal["cls", "mean", "seq"] = "cls"
+    # tokens: one linear layer instead of a class token attended to in every block. "none": no
+    # pooling, forward_head maps every token (timm's global_pool='', for dense features).
+    pool: Literal["cls", "mean", "seq", "none"] = "cls"
     # "learned" (ViT), "sincos2d" (fixed 2-D, Beyer et al. 2022) or "sinusoidal" (fixed 1-D of
     # Vaswani et al. 2017 over the flattened patch order). Fixed encodings give the class token 0.
     pos_embed: Literal["learned", "sincos2d", "sinusoidal"] = "learned"
@@ -101,8 +111,8 @@ class ViTConfig:
             )
         if self.conv_attention is not None and self.tokenizer != "conv":
             problems.append("conv_attention needs tokenizer='conv'")
-        if self.pool not in ("cls", "mean", "seq"):
-            problems.append(f"pool must be 'cls', 'mean' or 'seq', got {self.pool!r}")
+        if self.pool not in POOLS:
+            problems.append(f"pool must be one of {', '.join(map(repr, POOLS))}, got {self.pool!r}")
         if self.pool == "cls" and not self.class_token:
             problems.append("pool='cls' needs class_token=True")
         if self.pos_embed not in ("learned", "sincos2d", "sinusoidal"):
@@ -164,9 +174,22 @@ class VisionTransformer(nn.Module):
     With ``tokenizer="conv"`` and ``pool="seq"`` it is the Compact Convolutional Transformer
     (Hassani et al. 2021): convolutional tokens, no class token, sequence pooling.
 
-    Stage API as in timm: :meth:`forward_features` (B, prefix+N, D) after the final norm,
-    :meth:`forward_head` (pooling + classifier), :meth:`no_weight_decay`. :attr:`grid_size` is
-    the token grid of either tokenizer.
+    The model API is timm's (timm's own model tests pass on it, see ``vit.timm_interop``):
+
+    - stages: :meth:`forward_features` (B, prefix+N, D) after the final norm, :meth:`forward_head`
+      (pooling + classifier), :meth:`no_weight_decay`, :meth:`group_matcher`;
+    - classifier: :meth:`get_classifier`, :meth:`reset_classifier`, ``num_classes``,
+      ``global_pool`` (``'token'``, ``'avg'``, ``'seq'`` or ``''``: no pooling), ``num_features``
+      and ``head_hidden_size`` (both the width D);
+    - features: :meth:`forward_intermediates`, :meth:`prune_intermediate_layers`,
+      ``feature_info`` (one entry per block: ``blocks.i``, D channels, the token grid's stride in
+      pixels), which ``timm.create_model(..., features_only=True)`` wraps;
+    - :meth:`set_grad_checkpointing`: activation checkpointing of every block.
+
+    ``config`` records the architecture as built; :meth:`reset_classifier` and
+    :meth:`prune_intermediate_layers` change the modules (and ``num_classes``, ``global_pool``),
+    not the record. :attr:`grid_size` is the token grid of either tokenizer. ``torch.fx`` traces
+    and ``torch.jit.script`` compiles :meth:`forward`; the input check runs in eager mode only.
     """
 
     def __init__(self, config: ViTConfig | None = None, **overrides: Any) -> None:
@@ -175,8 +198,13 @@ class VisionTransformer(nn.Module):
         cfg = dataclasses.replace(config or ViTConfig(), **overrides)
         self.config = cfg
         d = cfg.embed_dim
+        # Plain attributes, not `config` reads, on the forward path: torch.jit.script compiles them.
+        self.img_size = cfg.img_size
+        self.in_chans = cfg.in_chans
         self.num_classes = cfg.num_classes
-        self.num_features = d
+        self.global_pool = GLOBAL_POOL[cfg.pool]
+        self.num_features = self.head_hidden_size = self.embed_dim = d
+        self.grad_checkpointing = False
         # `patch_embed` holds either tokenizer (timm's name for the image → tokens stage, its
         # hybrid models included), so optimiser rules for the input layer apply to both.
         self.patch_embed: nn.Module
@@ -231,6 +259,12 @@ class VisionTransformer(nn.Module):
                 for i in range(cfg.depth)
             ]
         )
+        # The stride of the token grid in input pixels: the patch size, or the conv tokenizer's
+        # total downsampling (2 per stage for CCT's 3x3 convolutions and max-pools).
+        reduction = cfg.img_size // cfg.grid_size
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=d, reduction=reduction) for i in range(cfg.depth)
+        ]
         self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(d, eps=cfg.norm_eps)
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
         # timm keeps an attention-pooling head as None when off; so does this one.
@@ -256,10 +290,13 @@ class VisionTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):  # a zero head starts at uniform predictions
             nn.init.zeros_(self.head.weight)
 
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay besides norms and biases (timm's convention)."""
-        return {"pos_embed", "cls_token"}
+        """Parameter names exempt from weight decay besides norms and biases (timm's convention):
+        the learned position embedding and the class token, where the model has them."""
+        return {n for n in ("pos_embed", "cls_token") if isinstance(getattr(self, n), nn.Parameter)}
 
+    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups by depth, as timm's ViT: the stem (embeddings, tokenizer), each block,
         then the final norm; what layer-wise lr decay (``timm.optim.param_groups_layer_decay``)
@@ -271,6 +308,55 @@ class VisionTransformer(nn.Module):
             else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         }
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+        Cost"): in training, each block keeps only its input and recomputes its activations in
+        the backward pass (``torch.utils.checkpoint``, non-reentrant). Same outputs and gradients;
+        benchmarks/grad_checkpointing.py measures the memory saved and the time it costs."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (``nn.Identity`` without one)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new zero-initialised head for ``num_classes`` (0: none, ``forward`` returns the pooled
+        (B, D) features) on the model's device and dtype; ``global_pool`` (None: keep the current
+        one) is timm's name of the pooling: ``'token'`` (the class token), ``'avg'``, ``'seq'``
+        (sequence pooling, only kept: it cannot be added) or ``''`` (none: every token).
+
+        Raises:
+            ValueError: an unknown pooling, ``'token'`` without a class token, ``'seq'`` on a
+                model built without sequence pooling.
+        """
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOL.values():
+                raise ValueError(
+                    f"global_pool={global_pool!r} is not supported; use one of "
+                    f"{', '.join(map(repr, GLOBAL_POOL.values()))}"
+                )
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("global_pool='token' needs a class token; this model has none")
+            if global_pool == "seq" and self.seq_pool is None:
+                raise ValueError(
+                    "global_pool='seq' cannot be added to a model built without sequence pooling; "
+                    "create it with pool='seq'"
+                )
+            if global_pool != "seq":
+                self.seq_pool = None  # its parameters would receive no gradient
+            self.global_pool = global_pool
+        ref = next(self.parameters())
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """(rows, columns) of the token grid: the patch grid, or the conv tokenizer's output."""
@@ -278,22 +364,39 @@ class VisionTransformer(nn.Module):
 
     def _embed(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) → tokens (B, prefix+N, D) with positions, before the blocks."""
-        check_images(x, in_chans=self.config.in_chans, img_size=self.config.img_size)
+        # Eager mode only: a traced or scripted graph holds no Python checks (shapes are fixed
+        # there anyway), and the check's messages are not TorchScript.
+        if not torch.jit.is_scripting():
+            if not _is_fx_tracing():
+                check_images(x, in_chans=self.in_chans, img_size=self.img_size)
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         return self.patch_drop(self.pos_drop(x + self.pos_embed))
 
+    def _blocks(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if self.grad_checkpointing:
+                for block in self.blocks:
+                    x = checkpoint(block, x, use_reentrant=False)
+                return x
+        return self.blocks(x)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) → tokens (B, prefix+N, D), after the final norm."""
-        return self.norm(self.blocks(self._embed(x)))
+        return self.norm(self._blocks(self._embed(x)))
 
     def _pool(self, x: Tensor) -> Tensor:
         """Tokens (B, prefix+N, D) → (B, D): the class token, or the mean or sequence pooling of
-        the patch tokens (a class token kept beside mean/seq pooling is not pooled)."""
+        the patch tokens (a class token kept beside mean/seq pooling is not pooled); with
+        ``global_pool=''`` every token, unchanged."""
         if self.seq_pool is not None:
             return self.seq_pool(x[:, self.num_prefix_tokens :])
-        return x[:, 0] if self.config.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, prefix+N, D) → logits (B, num_classes) (or pooled features (B, D))."""
@@ -302,21 +405,129 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) → logits; equal to ``forward_head(forward_features(x))``."""
-        if (
-            self.config.pool != "cls"
-            or cast(EncoderBlock, self.blocks[-1]).attn.recorder is not None
-        ):
-            return self.forward_head(self.forward_features(x))
+        if not torch.jit.is_scripting():  # nested: TorchScript skips only a lone is_scripting()
+            if self._class_token_only():
+                return self._forward_class_token(x)
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def _class_token_only(self) -> bool:
+        # Not while attention is recorded (rollout needs every token's row of the last block).
+        return self.global_pool == "token" and self.blocks[-1].attn.recorder is None
+
+    @torch.jit.unused
+    def _forward_class_token(self, x: Tensor) -> Tensor:
         # The head reads only the class token, and no other output of the last block reaches it:
         # that block runs for the class token alone, still attending to every token. Same logits
         # and gradients, minus the last block's output projection and MLP for every patch (a
-        # ~1/depth saving timm does not make). Recording attention (rollout) takes the full path.
+        # ~1/depth saving timm does not make).
         *blocks, last = self.blocks
         x = self._embed(x)
         for block in blocks:
-            x = block(x)
-        return self.forward_head(self.norm(last(x, num_queries=1)))  # (B, 1, D) → logits
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing else block(x)
+        if self.grad_checkpointing:
+            x = checkpoint(last, x, num_queries=1, use_reentrant=False)
+        else:
+            x = last(x, num_queries=1)
+        return self.forward_head(self.norm(x))  # (B, 1, D) → logits
 
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Images (B, C, H, W) → the outputs of the blocks ``indices`` (timm's API and semantics).
+
+        Args:
+            indices: None: every block; an int n: the last n; a sequence: those blocks (negative
+                counts from the end).
+            return_prefix_tokens: each intermediate as ``(patch tokens, prefix tokens (B, P, D))``.
+            norm: apply the final norm to each intermediate.
+            stop_early: run no block past the last one asked for (the final features are then
+                those of that block).
+            output_fmt: ``"NCHW"`` (B, D, rows, cols) on the token grid, or ``"NLC"`` (B, N, D).
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            ``(forward_features-like final tokens (B, prefix+N, D), intermediates)``, or only the
+            intermediates (a list, in block order).
+
+        Raises:
+            ValueError: an unknown ``output_fmt`` or an index out of range.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = take_indices(len(self.blocks), indices)
+        x = self._embed(x)
+        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing else block(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        n = self.num_prefix_tokens
+        prefix = [y[:, :n] for y in intermediates]
+        intermediates = [y[:, n:] for y in intermediates]  # (B, N, D)
+        if output_fmt == "NCHW":
+            rows, cols = self._grid_size
+            intermediates = [  # (B, N, D) -> (B, rows, cols, D) -> (B, D, rows, cols)
+                y.reshape(y.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
+                for y in intermediates
+            ]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] | tuple[int, ...] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (as :meth:`forward_intermediates` reads
+        them), and the final norm (``prune_norm``) and the head and pooling (``prune_head``):
+        what a feature extractor needs. Returns the absolute indices kept."""
+        take, max_index = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
+
+
+def take_indices(
+    num_blocks: int, indices: int | list[int] | tuple[int, ...] | None
+) -> tuple[list[int], int]:
+    """Absolute block indices for timm's ``indices`` argument (None: all; n: the last n; a
+    sequence: those, negative from the end), and the largest (as ``timm``'s
+    ``feature_take_indices``, which ``vit.models`` does not import).
+
+    Raises:
+        ValueError: an index out of range.
+    """
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_blocks})")
+        return list(range(num_blocks - indices, num_blocks)), num_blocks - 1
+    take = [num_blocks + i if i < 0 else i for i in indices]
+    bad = [i for i, t in zip(indices, take, strict=True) if not 0 <= t < num_blocks]
+    if bad or not take:
+        raise ValueError(
+            f"block indices {list(indices)} are out of range (0 to {num_blocks - 1}, or negative)"
+        )
+    return take, max(take)
 
 # ----------------------------------------------------------------------------------------------
 # Named variants
