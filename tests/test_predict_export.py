@@ -100,7 +100,9 @@ def test_export_round_trip_gives_the_checkpoints_logits(run) -> None:
 
     config = json.loads((run["export"] / "config.json").read_text())
     assert config["format"] == "vit.export/1" and config["task"] == "classify"
-    assert config["architecture"] == ckpt["model_spec"]["name"] == "vit_tiny_patch4_32"
+    # timm's registry name: the folder is also timm's layout (see the timm tests below).
+    assert config["architecture"] == "vitpkg_vit_tiny_patch4_32"
+    assert ckpt["model_spec"]["name"] == "vit_tiny_patch4_32"
     assert config["model_args"] == ckpt["model_spec"]["kwargs"]
     assert config["class_names"] == ["blue", "green", "red"] and config["num_classes"] == 3
     assert config["img_size"] == 16 and config["weights"] == "ema"
@@ -112,6 +114,86 @@ def test_export_round_trip_gives_the_checkpoints_logits(run) -> None:
     assert cfg["mean"] == preprocess.mean and cfg["std"] == preprocess.std
     assert cfg["input_size"] == (3, 16, 16) and cfg["label_names"] == config["class_names"]
     assert (cfg["num_classes"], cfg["crop_pct"], cfg["interpolation"]) == (3, 1.0, "bicubic")
+
+
+def _images(run) -> torch.Tensor:
+    preprocess = checkpoint_preprocess(load_checkpoint(run["ckpt"]))
+    files = sorted(run["val"].rglob("*.png"))
+    return preprocess.normalize(torch.stack([preprocess.load(f) for f in files]))
+
+
+def test_timm_loads_the_export_with_the_same_logits(run) -> None:
+    import timm
+
+    import vit.timm_interop  # noqa: F401  (registers vitpkg_*)
+
+    ours = from_pretrained(run["export"])
+    theirs = timm.create_model(f"local-dir:{run['export']}", pretrained=True).eval()
+    assert type(theirs) is type(ours)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[key], value), key
+    x = _images(run)
+    with torch.no_grad():
+        assert torch.equal(theirs(x), ours(x))
+    # timm's transforms and label names are the run's.
+    config = json.loads((run["export"] / "config.json").read_text())
+    data = timm.data.resolve_data_config(model=theirs)
+    assert tuple(data["input_size"]) == (3, 16, 16) and data["crop_pct"] == 1.0
+    assert tuple(data["mean"]) == tuple(config["preprocess"]["mean"])
+    assert tuple(data["std"]) == tuple(config["preprocess"]["std"])
+    assert theirs.pretrained_cfg["label_names"] == ["blue", "green", "red"]
+    # A new head for fine-tuning, as with any timm folder: the rest of the weights load.
+    tuned = timm.create_model(f"local-dir:{run['export']}", pretrained=True, num_classes=5)
+    assert tuned.head.out_features == 5
+    assert torch.equal(tuned.blocks[0].mlp.fc1.weight, ours.blocks[0].mlp.fc1.weight)
+
+
+def test_exports_written_before_the_timm_layout_still_load(run, tmp_path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes((run["export"] / "model.safetensors").read_bytes())
+    config = json.loads((run["export"] / "config.json").read_text())
+    del config["pretrained_cfg"]
+    config["architecture"] = "vit_tiny_patch4_32"  # our own name, as vit 0.1 wrote it
+    (old / "config.json").write_text(json.dumps(config))
+    x = _images(run)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(old)(x), from_pretrained(run["export"])(x))
+
+
+def test_timm_checkpoint_loaders_read_our_checkpoints(run) -> None:
+    import timm
+    from timm.models import load_checkpoint as timm_load_checkpoint
+    from timm.models import resume_checkpoint
+
+    ckpt = load_checkpoint(run["ckpt"])
+    kwargs = dict(img_size=16, num_classes=3, embed_dim=16, depth=1, num_heads=2)
+    model = timm.create_model("vitpkg_vit_tiny_patch4_32", **kwargs)
+    # use_ema=True (timm's default) loads the EMA weights, use_ema=False the raw ones.
+    timm_load_checkpoint(model, str(run["ckpt"]), use_ema=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"].items())
+    timm_load_checkpoint(model, str(run["ckpt"]), use_ema=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
+    # resume_checkpoint: the raw weights, the optimizer state and the next epoch to run.
+    model = timm.create_model("vitpkg_vit_tiny_patch4_32", **kwargs)
+    # timm's parameter groups, as the run's AdamW had them (no decay on norms, biases, embeddings)
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", weight_decay=0.05)
+    epoch = resume_checkpoint(model, str(run["ckpt"]), optimizer=optimizer, log_info=False)
+    assert epoch == ckpt["progress"]["epoch"] == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
+    assert optimizer.state_dict()["state"].keys() == ckpt["optimizer"]["state"].keys()
+    # pretrained=True from the checkpoint file: timm's reader picks the EMA weights too.
+    model = timm.create_model(
+        "vitpkg_vit_tiny_patch4_32",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(run["ckpt"]), num_classes=3),
+        **kwargs,
+    )
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"].items())
+    # The aliases cost no space: torch.save stores each tensor once.
+    assert ckpt["state_dict_ema"] is ckpt["ema"] or all(
+        ckpt["state_dict_ema"][k].data_ptr() == v.data_ptr() for k, v in ckpt["ema"].items()
+    )
 
 
 def test_model_card_says_what_and_how(run) -> None:

@@ -205,7 +205,7 @@ def test_timm_create_model_builds_our_variants() -> None:
         timm.create_model("vitpkg_vit_tiny_patch4_32", pretrained=True)
     with pytest.raises(ValueError, match="global_pool='map' is not supported"):
         timm.create_model("vitpkg_vit_tiny_patch4_32", global_pool="map")
-    with pytest.raises(ValueError, match="global_pool='token' needs class_token=True|pool='cls'"):
+    with pytest.raises(ValueError, match=r"pool='cls' needs class_token=True"):
         timm.create_model("vitpkg_cct_2_3x2_32", global_pool="token")
     with pytest.raises(TypeError, match="unknown model option"):
         timm.create_model("vitpkg_vit_tiny_patch4_32", qk_norm=True)

@@ -82,7 +82,8 @@ def pretrained_cfg(config: ViTConfig, **extra: Any) -> dict[str, Any]:
     size is fixed: the position embedding has one slot per token of ``img_size``.
     """
     cifar = config.img_size == 32
-    first_conv = "patch_embed.proj" if config.tokenizer == "patch" else "patch_embed.conv_layers.0.0"
+    conv = config.tokenizer == "conv"
+    first_conv = "patch_embed.conv_layers.0.0" if conv else "patch_embed.proj"
     return {
         "num_classes": config.num_classes,
         "input_size": (config.in_chans, config.img_size, config.img_size),
@@ -104,7 +105,8 @@ def _variant_config(name: str) -> ViTConfig:
 
 
 def _timm_names() -> list[str]:
-    return sorted(n for n in VARIANTS if n.startswith(_FAMILIES) and hasattr(VARIANTS[n], "defaults"))
+    ours = (n for n in VARIANTS if n.startswith(_FAMILIES))
+    return sorted(n for n in ours if hasattr(VARIANTS[n], "defaults"))
 
 
 # Read by timm's register_model: one untagged config (no weights) per registered name.
@@ -158,7 +160,9 @@ def _filter(state_dict: dict[str, Tensor], model: VisionTransformer) -> dict[str
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
+    # features_only: the last 3 blocks, as timm's ViT (all of them for CCT-2's two).
+    depth = kwargs.get("depth", _variant_config(variant).depth)
+    out_indices = kwargs.pop("out_indices", min(3, depth))
     return build_model_with_cfg(
         partial(_build, variant),
         f"{TIMM_PREFIX}{variant}",

@@ -32,7 +32,7 @@ _selected: set[str] = set()
 
 
 def list_models(
-    filter: str | list[str] = "",  # noqa: A002  (timm's argument names)
+    filter: str | list[str] = "",  # timm's argument names
     module: str | list[str] = "",
     pretrained: bool = False,
     exclude_filters: str | list[str] = "",
@@ -40,14 +40,12 @@ def list_models(
     include_tags: bool | None = None,
 ) -> list[str]:
     """timm's ``list_models``, answered with our names where timm's answer holds ``CONTROL``."""
-    theirs = _list_models(filter, module, pretrained, exclude_filters, name_matches_cfg, include_tags)
+    args = (pretrained, exclude_filters, name_matches_cfg, include_tags)
+    theirs = _list_models(filter, module, *args)
     control = [n for n in theirs if registry.get_arch_name(n) == CONTROL]
     if not control:
         return []
-    ours = _list_models(
-        f"{vit.timm_interop.TIMM_PREFIX}*", "", pretrained, exclude_filters, name_matches_cfg,
-        include_tags,
-    )  # fmt: skip
+    ours = _list_models(f"{vit.timm_interop.TIMM_PREFIX}*", "", *args)
     listed = ours + (control if WITH_CONTROL else [])
     _selected.update(listed)
     return listed

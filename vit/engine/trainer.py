@@ -234,8 +234,9 @@ class Trainer:
             "elapsed": self.elapsed_before + time.monotonic() - self.t_start,
             "command": self.command,
             # timm's names for the same objects (pickle stores each once): what
-            # timm.models.load_checkpoint(use_ema=True|False) and resume_checkpoint read; "epoch"
-            # is the next epoch to run (resume_checkpoint's answer; no "version", which would add 1).
+            # timm.models.load_checkpoint(use_ema=True|False) and resume_checkpoint read;
+            # "epoch" is the next epoch to run (resume_checkpoint's answer; no "version", which
+            # would add 1).
             **_timm_keys(model, ema, scaler, self.progress.epoch),
         }
 

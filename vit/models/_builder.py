@@ -28,8 +28,8 @@ from vit.models.vision_transformer import VisionTransformer
 __all__ = [
     "MAX_PARAMS",
     "LoadReport",
-    "build",
     "adapt_state_dict",
+    "build",
     "convert_timm_state_dict",
     "load_pretrained",
     "upgrade_spec",

@@ -204,9 +204,7 @@ def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
         ) from None
     except (UsageError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG_NAME} is malformed: {e}") from None
-    spec = upgrade_spec(
-        {"name": spec_name(config), "kwargs": config["model_args"]}, config["task"]
-    )
+    spec = upgrade_spec({"name": spec_name(config), "kwargs": config["model_args"]}, config["task"])
     try:
         model = build(spec, max_params=stored)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:

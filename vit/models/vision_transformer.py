@@ -5,7 +5,6 @@ Scale". The convolutional tokenizer and sequence pooling options are those of th
 Convolutional Transformer (Hassani et al. 2021; variants in :mod:`vit.models.cct`).
 """
 
-
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -365,8 +364,9 @@ class VisionTransformer(nn.Module):
     def _embed(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) → tokens (B, prefix+N, D) with positions, before the blocks."""
         # Eager mode only: a traced or scripted graph holds no Python checks (shapes are fixed
-        # there anyway), and the check's messages are not TorchScript.
-        if not torch.jit.is_scripting():
+        # there anyway), and the check's messages are not TorchScript. The `if`s stay nested:
+        # TorchScript skips compiling a branch only under a lone `not torch.jit.is_scripting()`.
+        if not torch.jit.is_scripting():  # noqa: SIM102
             if not _is_fx_tracing():
                 check_images(x, in_chans=self.in_chans, img_size=self.img_size)
         x = self.patch_embed(x)  # (B, N, D)
@@ -375,7 +375,7 @@ class VisionTransformer(nn.Module):
         return self.patch_drop(self.pos_drop(x + self.pos_embed))
 
     def _blocks(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting():  # noqa: SIM102  (nested for TorchScript, see _embed)
             if self.grad_checkpointing:
                 for block in self.blocks:
                     x = checkpoint(block, x, use_reentrant=False)
@@ -405,7 +405,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) → logits; equal to ``forward_head(forward_features(x))``."""
-        if not torch.jit.is_scripting():  # nested: TorchScript skips only a lone is_scripting()
+        if not torch.jit.is_scripting():  # noqa: SIM102  (nested for TorchScript, see _embed)
             if self._class_token_only():
                 return self._forward_class_token(x)
         return self.forward_head(self.forward_features(x))
@@ -528,6 +528,7 @@ def take_indices(
             f"block indices {list(indices)} are out of range (0 to {num_blocks - 1}, or negative)"
         )
     return take, max(take)
+
 
 # ----------------------------------------------------------------------------------------------
 # Named variants
