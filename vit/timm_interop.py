@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -101,7 +101,7 @@ def pretrained_cfg(config: ViTConfig, **extra: Any) -> dict[str, Any]:
 
 
 def _variant_config(name: str) -> ViTConfig:
-    return ViTConfig(**VARIANTS[name].defaults)
+    return ViTConfig(**VARIANTS[name].defaults)  # type: ignore[attr-defined]  # see _registry
 
 
 def _timm_names() -> list[str]:
@@ -145,7 +145,7 @@ def _build(
         overrides.setdefault("class_token", _variant_config(variant).class_token)
     place = torch.device(device) if device is not None else contextlib.nullcontext()
     with place:
-        model = create_model(variant, **overrides)
+        model = cast(VisionTransformer, create_model(variant, **overrides))  # a vit_/cct_ variant
     return model.to(dtype=dtype) if dtype is not None else model
 
 

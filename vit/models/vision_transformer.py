@@ -413,7 +413,8 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def _class_token_only(self) -> bool:
         # Not while attention is recorded (rollout needs every token's row of the last block).
-        return self.global_pool == "token" and self.blocks[-1].attn.recorder is None
+        last = cast(EncoderBlock, self.blocks[-1])
+        return self.global_pool == "token" and last.attn.recorder is None
 
     @torch.jit.unused
     def _forward_class_token(self, x: Tensor) -> Tensor:
