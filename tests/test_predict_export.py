@@ -176,8 +176,11 @@ def test_timm_checkpoint_loaders_read_our_checkpoints(run) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
     # resume_checkpoint: the raw weights, the optimizer state and the next epoch to run.
     model = timm.create_model("vitpkg_vit_tiny_patch4_32", **kwargs)
-    # timm's parameter groups, as the run's AdamW had them (no decay on norms, biases, embeddings)
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", weight_decay=0.05)
+    # The run's optimizer, built as the run built it (its parameter groups are timm's).
+    from vit.engine.config import RunConfig
+    from vit.engine.optim import build_optimizer
+
+    optimizer = build_optimizer(model, RunConfig(**ckpt["config"]))
     epoch = resume_checkpoint(model, str(run["ckpt"]), optimizer=optimizer, log_info=False)
     assert epoch == ckpt["progress"]["epoch"] == 2
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
