@@ -19,9 +19,12 @@ from vit.engine.tasks import Task
 from vit.errors import ConfigError, DataError
 from vit.models import build
 from vit.preprocess import Preprocess
-from vit.rollout import colorize
 
-__all__ = ["ClassificationTask", "confusion_image"]
+__all__ = ["ClassificationTask", "confusion_figure", "top_confusions"]
+
+# Up to this many classes the confusion figure names every class and prints every count; beyond,
+# the cells are too small to read and TensorBoard gets the top confusions as text instead.
+CONFUSION_LABELLED = 20
 
 
 class ClassificationTask(Task):
@@ -35,7 +38,7 @@ class ClassificationTask(Task):
         super().__init__(cfg, state)
         self._loaded: dict[str, Any] = {}
         self._val: Dataset | None = None
-        self._rollout: Tensor | None = None
+        self._rollout: tuple[Tensor, list[int]] | None = None
         self.last_confusion: Tensor | None = None  # of the last evaluate(), for TensorBoard
         self.paths: dict[str, list[Path]] = {}  # image files of each split, for image folders
         self._preprocess: Preprocess | None = None  # from state["preprocess"], on first use
@@ -313,37 +316,35 @@ class ClassificationTask(Task):
     def records(self) -> dict[str, Any]:
         return {} if self.last_confusion is None else {"confusion": self.last_confusion.tolist()}
 
-    # -- rollout --------------------------------------------------------------------------------
-    def _rollout_batch(self) -> Tensor:
-        """A fixed, deterministic set of validation images, recorded in rollout_images.json."""
+    # -- TensorBoard ----------------------------------------------------------------------------
+    def _rollout_sample(self) -> tuple[Tensor, list[int]]:
+        """The fixed validation images of the map pictures: the first image of each class (in
+        the validation set's order), for the first ``rollout_images`` classes; chosen once per
+        run, the same at every step, listed in the run's ``rollout_images.json``."""
         if self._rollout is None:
             assert self._val is not None
-            g = torch.Generator().manual_seed(0)
-            k = min(self.cfg.rollout_images, len(self._val))
-            idx = torch.randperm(len(self._val), generator=g)[:k].sort().values.tolist()
+            labels = [int(v) for v in self._val.labels.tolist()]
+            first: dict[int, int] = {}
+            for i, y in enumerate(labels):
+                first.setdefault(y, i)
+            idx = [first[c] for c in sorted(first)][: self.cfg.rollout_images]
             images = torch.stack([self._val[i][0] for i in idx])  # uint8 (K, 3, H, W)
             record = {
                 "split": "val",
                 "indices": idx,
-                "labels": [int(self._val[i][1]) for i in idx],
+                "labels": [labels[i] for i in idx],
                 "classes": self.state["classes"],
             }
             out = Path(self.cfg.out_dir)
             (out / "rollout_images.json").write_text(json.dumps(record, indent=1) + "\n")
-            self._rollout = images
+            self._rollout = (images, record["labels"])
         return self._rollout
 
-    def on_epoch_end(self, writer: Any, model: nn.Module, step: int, epoch: int) -> None:
-        cfg = self.cfg
-        if writer is None:
-            return
-        if self.last_confusion is not None:
-            writer.add_image("val/confusion", confusion_image(self.last_confusion), step)
-        if cfg.rollout_every == 0 or (epoch + 1) % cfg.rollout_every:
-            return
+    def _log_maps(self, writer: Any, model: nn.Module, step: int) -> None:
         from vit.rollout.tensorboard import log_rollout
 
-        images = self._rollout_batch()
+        cfg = self.cfg
+        images, labels = self._rollout_sample()
         device = next(model.parameters()).device
         x, _ = self.prepare_batch((images, torch.zeros(len(images), dtype=torch.long)), device)
         log_rollout(
@@ -352,24 +353,128 @@ class ClassificationTask(Task):
             x,
             images.float() / 255,
             step,
+            labels=labels,
+            classes=self.state["classes"],
             head_fusion=cfg.rollout_head_fusion,
             discard_ratio=cfg.rollout_discard_ratio,
             per_layer=cfg.rollout_per_layer,
+            gradient=cfg.rollout_gradient,
         )
 
+    def on_train_start(self, writer: Any, model: nn.Module, step: int) -> None:
+        """Before the first step: the class names as text and the maps of the untrained model
+        (the "before" of every later picture)."""
+        if writer is None:
+            return
+        classes = self.state["classes"]
+        writer.add_text(
+            "run/classes",
+            f"{len(classes)} classes: " + ", ".join(f"{i} `{c}`" for i, c in enumerate(classes)),
+            step,
+        )
+        if self.cfg.rollout_every > 0:
+            self._log_maps(writer, model, step)
 
-def confusion_image(confusion: Tensor, cell: int = 0) -> Tensor:
-    """A confusion matrix (C, C) as a picture: uint8 (3, H, W), each row normalised (the share of
-    a true class predicted as each class), jet colours, ``cell`` pixels per entry (default: a
-    256-pixel image, at least 4 per entry), a white grid."""
+    def on_epoch_end(self, writer: Any, model: nn.Module, step: int, epoch: int) -> None:
+        cfg = self.cfg
+        if writer is None:
+            return
+        if self.last_confusion is not None:
+            classes = self.state["classes"]
+            picture = confusion_figure(self.last_confusion, classes)
+            writer.add_image("val/confusion", picture, step, dataformats="HWC")
+            writer.add_text(
+                "val/top_confusions", top_confusions(self.last_confusion, classes), step
+            )
+        if cfg.rollout_every == 0 or (epoch + 1) % cfg.rollout_every:
+            return
+        self._log_maps(writer, model, step)
+
+
+def top_confusions(confusion: Tensor, classes: list[str], k: int = 10) -> str:
+    """The ``k`` largest off-diagonal counts of a confusion matrix (rows: true, columns:
+    predicted) as a Markdown table: true class, predicted class, images, share of the true
+    class."""
     c = confusion.shape[0]
-    cell = cell or max(4, 256 // c)
-    shares = confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1)
-    big = shares.float().repeat_interleave(cell, 0).repeat_interleave(cell, 1)  # (C·cell, C·cell)
-    image = colorize(big[None])[0]
-    image[:, ::cell, :] = 1.0
-    image[:, :, ::cell] = 1.0
-    return (image * 255).round().to(torch.uint8)
+    off = confusion.clone().fill_diagonal_(0).flatten()
+    rows = ["| true | predicted | images | share of true |", "|---|---|---:|---:|"]
+    totals = confusion.sum(1)
+    for flat in off.argsort(descending=True)[:k].tolist():
+        n = int(off[flat])
+        if n == 0:
+            break
+        t, p = divmod(flat, c)
+        rows.append(f"| {classes[t]} | {classes[p]} | {n} | {n / max(int(totals[t]), 1):.1%} |")
+    if len(rows) == 2:
+        return "no confusions: every image was classified correctly"
+    return "\n".join(rows)
+
+
+def confusion_figure(confusion: Tensor, classes: list[str]) -> np.ndarray:
+    """A confusion matrix (C, C) (rows: true class, columns: predicted) as a labelled picture,
+    uint8 RGB (H, W, 3): cells coloured by the share of their true class (a sequential colormap,
+    0 white to 1 dark blue, one scale for every step), each cell's count printed, class names on
+    both axes, up to :data:`CONFUSION_LABELLED` classes; beyond, the colours alone (see
+    :func:`top_confusions` for the names)."""
+    from matplotlib.figure import Figure
+
+    from vit.rollout.render import figure_to_array
+
+    c = confusion.shape[0]
+    counts = confusion.long().numpy()
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    labelled = c <= CONFUSION_LABELLED
+    cell = 0.32 if labelled else max(0.02, 6.4 / c)  # inches
+    names = max((len(n) for n in classes), default=1) if labelled else 0
+    side = cell * c
+    margin = 0.5 + 0.065 * min(names, 24)  # room for the rotated and left class names
+    fig = Figure(figsize=(side + margin + 1.0, side + margin + 0.4), dpi=100, facecolor="white")
+    ax = fig.add_axes(
+        [
+            margin / (side + margin + 1.0),
+            margin / (side + margin + 0.4),
+            side / (side + margin + 1.0),
+            side / (side + margin + 0.4),
+        ]
+    )
+    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if labelled:
+        ax.set_xticks(range(c), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(c), labels=classes)
+        size = 7 if c <= 12 else 6
+        for t in range(c):
+            for p in range(c):
+                if counts[t, p]:
+                    colour = "white" if shares[t, p] > 0.5 else "black"
+                    ax.text(
+                        p,
+                        t,
+                        str(counts[t, p]),
+                        ha="center",
+                        va="center",
+                        fontsize=size,
+                        color=colour,
+                    )
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.tick_params(labelsize=7, length=0)
+    ax.set_xlabel("predicted class", fontsize=8)
+    ax.set_ylabel("true class", fontsize=8)
+    top1 = np.trace(counts) / max(int(counts.sum()), 1)
+    ax.set_title(f"{int(counts.sum())} images, top-1 {top1:.1%}", fontsize=8)
+    cax = fig.add_axes(
+        [
+            (margin + side + 0.15) / (side + margin + 1.0),
+            margin / (side + margin + 0.4),
+            0.12 / (side + margin + 1.0),
+            side / (side + margin + 0.4),
+        ]
+    )
+    bar = fig.colorbar(im, cax=cax)
+    bar.ax.tick_params(labelsize=6)
+    bar.set_label("share of the true class", fontsize=7)
+    return figure_to_array(fig)
 
 
 def _sample_pixels(images: Any, rows: Tensor | None, budget: int = 2_000_000) -> Tensor:

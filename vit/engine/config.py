@@ -143,10 +143,15 @@ class RunConfig:
     rollout_every: int = _opt(
         1, "epochs between attention-rollout images (at validations); 0 = off"
     )
-    rollout_images: int = _opt(8, "validation images shown in the rollout grid")
+    rollout_images: int = _opt(
+        10, "rollout pictures: one validation image per class, for at most this many classes"
+    )
     rollout_head_fusion: Literal["mean", "max", "min"] = _opt("mean", "rollout head fusion")
     rollout_discard_ratio: float = _opt(0.0, "rollout: share of lowest weights dropped")
     rollout_per_layer: bool = _opt(False, "rollout: also log each layer's attention")
+    rollout_gradient: bool = _opt(
+        False, "rollout: also log the class-specific gradient map (a backward pass more)"
+    )
 
     def augment_policy(self) -> AugmentPolicy:
         """The training augmentation these options ask for."""

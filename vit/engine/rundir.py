@@ -56,6 +56,7 @@ RESUMABLE_KEYS = {
     "rollout_head_fusion": "rollout display",
     "rollout_discard_ratio": "rollout display",
     "rollout_per_layer": "rollout display",
+    "rollout_gradient": "rollout display",
     "workers": "loader processes (data are a function of seed, epoch and index)",
     "threads": "CPU threads (float reductions may then differ in the last bits)",
     "device": "where the run continues",

@@ -89,6 +89,10 @@ class Task(abc.ABC):
         matrix), for ``metrics.jsonl`` and ``vit.evaluate``'s JSON line."""
         return {}
 
+    def on_train_start(self, writer: Any, model: nn.Module, step: int) -> None:  # noqa: B027
+        """Extra TensorBoard output before the first training step (``writer`` is None on DDP
+        ranks other than 0)."""
+
     def on_epoch_end(self, writer: Any, model: nn.Module, step: int, epoch: int) -> None:  # noqa: B027
         """Extra TensorBoard output after each validation (``model``: the weights validated)."""
 

@@ -55,6 +55,7 @@ from vit.engine.rundir import (
 )
 from vit.engine.schedule import Progress, extend, fit_to_time, scheduled_lr
 from vit.engine.tasks import get_task
+from vit.engine.tb_summary import config_text, hparam_metrics, hparams, scalar_tag
 from vit.errors import CheckpointError, ConfigError
 
 __all__ = ["Diverged", "Interrupted", "Trainer", "train"]
@@ -472,7 +473,7 @@ class Trainer:
         self._metrics_file.flush()
         for k, v in values.items():
             if k != "n" and isinstance(v, int | float):
-                writer.add_scalar(f"{kind}/{k}", v, p.step)
+                writer.add_scalar(scalar_tag(kind, k), v, p.step)
 
     # -- signals --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -523,6 +524,9 @@ class Trainer:
                     file=sys.stderr,
                 )
         writer = self._open_logs() if self.is_main else None
+        if writer is not None and p.step == 0:  # what the run is, and the untrained model
+            writer.add_text("run/config", config_text(cfg), 0)
+            self.task.on_train_start(writer, self.eval_model(), 0)
         sampler = self.train_loader.batch_sampler
         # --time-limit: fit the schedule from steps 2-12 (step 0 pays for torch.compile), then
         # again at each epoch end in the first 90% of it, from the steps since the last fit and
@@ -562,7 +566,9 @@ class Trainer:
                             t_fit, step_fit = time.monotonic(), p.step
                         elif p.step == fit_at and t_fit is not None:
                             self._fit_schedule((time.monotonic() - t_fit) / 10)
-                        if p.step % cfg.log_every == 0:
+                        # Also at each epoch's and the run's last step: any run has curves.
+                        last = p.batch_in_epoch == self.steps_per_epoch or p.step >= p.total_steps
+                        if p.step % cfg.log_every == 0 or last:
                             self.check_finite()
                             stats = {k: float(v) for k, v in stats.items()}
                             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
@@ -593,8 +599,8 @@ class Trainer:
                     self._check_signal()
             if writer is not None:
                 writer.add_hparams(
-                    _hparams(cfg),
-                    {f"hparam/best_{self.task.primary_metric}": p.best},
+                    hparams(cfg),
+                    hparam_metrics(self.task.primary_metric, p.best, self.last_metrics),
                     run_name=".",
                     global_step=p.step,
                 )
@@ -666,13 +672,6 @@ def _duration(seconds: float) -> str:
 def _fmt(value: float) -> str:
     """A metric for the progress line: four decimals, so 1.0000 and 0.9660 line up."""
     return f"{value:.4f}"
-
-
-def _hparams(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
-        for k, v in dataclasses.asdict(cfg).items()
-    }
 
 
 def train(cfg: RunConfig, command: str = "", notes: Sequence[str] = ()) -> dict[str, Any]:

@@ -9,32 +9,39 @@ Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Tra
 the attention by its gradient for a class-specific map (:func:`gradient_rollout`).
 
 Modules, in the order the data flows: ``capture`` (recording the weights), ``maps`` (rollout and
-the maps on the image), ``render`` (heatmaps and overlays), ``tensorboard`` (the training engine's
-hook), ``__main__`` (``python -m vit.rollout``). A convolutional tokenizer with CBAM
-(``tokenizer="conv", conv_attention="cbam"``) has its own spatial attention, shown beside the
-rollout by :func:`tokenizer_attention_maps`.
+the maps on the image), ``render`` (the one renderer of every map picture), ``tensorboard`` (the
+training engine's hook), ``__main__`` (``python -m vit.rollout``). A convolutional tokenizer
+with CBAM (``tokenizer="conv", conv_attention="cbam"``) has its own spatial attention, shown
+beside the rollout by :func:`tokenizer_attention_maps`.
 """
 
 from vit.rollout.capture import AttentionRecord, capture_attention
 from vit.rollout.maps import (
+    Explanation,
     attention_rollout,
+    explain,
     gradient_rollout,
     normalize_maps,
+    relative_to_uniform,
     rollout_maps,
     rollout_to_maps,
     tokenizer_attention_maps,
 )
-from vit.rollout.render import colorize, overlay, rollout_grid
+from vit.rollout.render import colorize, overlay, render_layer_maps, render_maps
 
 __all__ = [
     "AttentionRecord",
+    "Explanation",
     "attention_rollout",
     "capture_attention",
     "colorize",
+    "explain",
     "gradient_rollout",
     "normalize_maps",
     "overlay",
-    "rollout_grid",
+    "relative_to_uniform",
+    "render_layer_maps",
+    "render_maps",
     "rollout_maps",
     "rollout_to_maps",
     "tokenizer_attention_maps",

@@ -4,6 +4,7 @@ the maps on the image that they give."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -20,9 +21,12 @@ from vit.rollout.capture import (
 )
 
 __all__ = [
+    "Explanation",
     "attention_rollout",
+    "explain",
     "gradient_rollout",
     "normalize_maps",
+    "relative_to_uniform",
     "rollout_maps",
     "rollout_to_maps",
     "tokenizer_attention_maps",
@@ -30,7 +34,9 @@ __all__ = [
 
 HeadFusion = Literal["mean", "max", "min"]
 Pool = Literal["cls", "mean", "seq"]
+Scale = Literal["minmax", "uniform"]
 HEAD_FUSIONS = ("mean", "max", "min")
+METHODS = ("rollout", "gradient")
 
 
 def _check_attentions(attentions: Sequence[Tensor]) -> None:
@@ -184,6 +190,16 @@ def normalize_maps(maps: Tensor) -> Tensor:
     return torch.where(flat_map, torch.zeros_like(maps), (maps - lo) / span.clamp_min(1e-12))
 
 
+def relative_to_uniform(maps: Tensor) -> Tensor:
+    """Non-negative maps (B, h, w) divided by their own mean: the attention each patch gets
+    relative to a uniform map, which is 1 everywhere (2 = twice its share, 0.5 = half). Unlike
+    :func:`normalize_maps` this keeps how peaked a map is: a nearly flat map stays near 1, and
+    maps of different images, epochs and models share one scale (what the renderer shows). A map
+    that is zero everywhere (no relevance at all) comes back flat."""
+    mean = maps.mean(dim=(-2, -1), keepdim=True)
+    return torch.where(mean > 0, maps / mean.clamp_min(1e-30), torch.ones_like(maps))
+
+
 def rollout_to_maps(
     joint: Tensor,
     grid_size: tuple[int, int] | int,
@@ -192,8 +208,11 @@ def rollout_to_maps(
     class_token: bool = True,
     pool: Pool | None = None,
     pool_weights: Tensor | None = None,
+    scale: Scale = "minmax",
 ) -> Tensor:
-    """Joint attention (B, L, L) → per-image maps normalised to [0, 1].
+    """Joint attention (B, L, L) → per-image maps: with ``scale="minmax"`` each stretched to
+    [0, 1] (:func:`normalize_maps`), with ``scale="uniform"`` relative to a uniform map
+    (:func:`relative_to_uniform`; 1 = every patch equal), the scale the pictures use.
 
     ``pool`` is how the model reads its output (default: ``"cls"`` with a class token, else
     ``"mean"``), and so which rows of ``joint`` the map reads, over the patch columns:
@@ -233,9 +252,13 @@ def rollout_to_maps(
     else:
         weights = joint[:, prefix:, prefix:].mean(dim=1)
     maps = rearrange(weights, "b (gh gw) -> b gh gw", gh=gh, gw=gw)
+    if scale == "uniform":  # on the token grid, where "a uniform map" means equal tokens
+        maps = relative_to_uniform(maps)
+    elif scale != "minmax":
+        raise ValueError(f"scale must be 'minmax' or 'uniform', got {scale!r}")
     if image_size is not None:
         maps = upsample(maps, image_size)
-    return normalize_maps(maps)
+    return normalize_maps(maps) if scale == "minmax" else maps
 
 
 def upsample(maps: Tensor, image_size: tuple[int, int] | int) -> Tensor:
@@ -309,3 +332,78 @@ def tokenizer_attention_maps(model: nn.Module, images: Tensor, *, stage: int = -
     with torch.no_grad(), capture_tokenizer_attention(model) as maps:
         unwrap_model(model)(images)
     return maps[stage][:, 0]  # (B, 1, h, w) -> (B, h, w)
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` found for a batch of B images, on the token grid (gh, gw); every map
+    is relative to a uniform map (:func:`relative_to_uniform`: 1 = every patch equal)."""
+
+    maps: Tensor  # (B, gh, gw): the method's map (rollout, or the class-specific gradient map)
+    probs: Tensor  # (B, classes): the softmax of the same forward pass
+    layers: Tensor | None  # (B, depth, gh, gw): each block's own head-mean attention (per_layer)
+    tokenizer: Tensor | None  # (B, h, w): a CBAM tokenizer's last spatial map, else None
+
+    @property
+    def predicted(self) -> Tensor:
+        """(B,) the predicted class of each image."""
+        return self.probs.argmax(dim=-1)
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    method: Literal["rollout", "gradient"] = "rollout",
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+    target: Tensor | int | None = None,
+    per_layer: bool = False,
+) -> Explanation:
+    """The maps a picture shows, for normalised ``images`` (B, 3, H, W): rollout
+    (:func:`attention_rollout` with ``head_fusion``, ``discard_ratio``, ``start_layer``) or the
+    class-specific ``"gradient"`` map (:func:`gradient_rollout` for ``target``, default: the
+    predicted class), the class probabilities, and optionally each block's own attention.
+
+    Runs in eval mode (the model's mode is restored): one forward pass without gradients, plus a
+    forward and backward pass for ``method="gradient"``. Everything returned is on the CPU.
+
+    Raises:
+        ValueError: an unknown ``method``, or a rollout argument out of range.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    inner = unwrap_model(model)
+    grid, layout = model_geometry(inner)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with (
+            torch.no_grad(),
+            capture_attention(inner) as attentions,
+            capture_tokenizer_attention(inner) as tokenizer_maps,
+        ):
+            probs = inner(images).float().softmax(dim=-1).cpu()
+    finally:
+        inner.train(was_training)
+    pool_weights = last_or_none([w.float().cpu() for w in attentions.pool_weights])
+    attentions = [a.float().cpu() for a in attentions]
+    if method == "rollout":
+        joint = attention_rollout(
+            attentions, head_fusion, discard_ratio, start_layer, class_token=layout["class_token"]
+        )
+    else:
+        if target is None:
+            target = probs.argmax(dim=-1).to(images.device)
+        joint = gradient_rollout(inner, images, target, start_layer=start_layer).float().cpu()
+    kw = {"pool_weights": pool_weights, "scale": "uniform", **layout}
+    maps = rollout_to_maps(joint, grid, **kw)
+    layers = None
+    if per_layer:
+        # A block's own head-mean weights as the "joint" (no rollout), read as the rollout is.
+        layers = torch.stack([rollout_to_maps(a.mean(dim=1), grid, **kw) for a in attentions], 1)
+    gated = None
+    if tokenizer_maps:
+        gated = relative_to_uniform(tokenizer_maps[-1].float().cpu()[:, 0])
+    return Explanation(maps=maps, probs=probs, layers=layers, tokenizer=gated)

@@ -1,27 +1,24 @@
-"""The training engine's TensorBoard hook: rollout maps of a fixed image batch."""
+"""The training engine's TensorBoard hook: labelled maps of a fixed set of validation images."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from vit.models._helpers import unwrap_model
-from vit.rollout.capture import capture_attention, capture_tokenizer_attention
-from vit.rollout.maps import (
-    HeadFusion,
-    attention_rollout,
-    last_or_none,
-    model_geometry,
-    normalize_maps,
-    rollout_to_maps,
-    upsample,
-)
-from vit.rollout.render import colorize, rollout_grid
+from vit.rollout.maps import HeadFusion, explain
+from vit.rollout.render import render_layer_maps, render_maps
 
-__all__ = ["log_rollout"]
+__all__ = ["log_rollout", "method_title"]
+
+
+def method_title(method: str, head_fusion: str = "mean", discard_ratio: float = 0.0) -> str:
+    """The map column's title: which map, with which options."""
+    if method == "gradient":
+        return "gradient rollout (predicted)"
+    discard = f", discard {discard_ratio:g}" if discard_ratio else ""
+    return f"rollout ({head_fusion}{discard})"
 
 
 def log_rollout(
@@ -31,56 +28,65 @@ def log_rollout(
     display: Tensor,
     step: int,
     *,
+    labels: Sequence[int] | None = None,
+    classes: Sequence[str] | None = None,
     head_fusion: HeadFusion = "mean",
     discard_ratio: float = 0.0,
     per_layer: bool = False,
+    gradient: bool = False,
 ) -> None:
-    """Write rollout maps of a fixed image batch to TensorBoard.
+    """Write the labelled map pictures (:func:`vit.rollout.render.render_maps`) of a fixed image
+    batch to TensorBoard at ``step``.
 
     ``images``: the normalised batch on the model's device; ``display``: the same images as float
-    RGB in [0, 1], (B, 3, H, W) on the CPU. Writes ``rollout/maps`` (a row per image: image |
-    heatmap | overlay) at ``step``, and with ``per_layer`` ``rollout/per_layer`` (a row per image,
-    a column per block: that block's head-mean attention, read as the rollout maps are). A model
-    whose tokenizer has a spatial attention (CBAM) also gets ``rollout/tokenizer``, laid out as
-    ``rollout/maps``: the last stage's map (:func:`tokenizer_attention_maps`), min-max
-    normalised like the rollout. Runs one forward pass in eval mode without gradients, then
-    restores the model's mode.
+    RGB in [0, 1], (B, 3, H, W); ``labels``: their true classes (indices into ``classes``, the
+    class names). Writes ``rollout/maps`` (a row per image: image | rollout map | overlay, true
+    and predicted class, probability, the map's peak relative to uniform, one colour bar);
+    with ``per_layer`` ``rollout/per_layer`` (a column per block: that block's own head-mean
+    attention); with ``gradient`` ``rollout/gradient`` (the class-specific map of Chefer et al.
+    2021 for the predicted class: a forward and backward pass more). A model whose tokenizer has
+    a spatial attention (CBAM) also gets ``rollout/tokenizer``, its last stage's map. All on the
+    same fixed scale, so pictures of different steps compare. Runs in eval mode and restores the
+    model's mode.
     """
-    inner = unwrap_model(model)
-    grid, layout = model_geometry(inner)
-    size = (display.shape[-2], display.shape[-1])
-    was_training = inner.training
-    inner.eval()
-    try:
-        with (
-            torch.no_grad(),
-            capture_attention(inner) as attentions,
-            capture_tokenizer_attention(inner) as tokenizer_maps,
-        ):
-            inner(images)
-    finally:
-        inner.train(was_training)
-    pool_weights = last_or_none([w.float().cpu() for w in attentions.pool_weights])
-    weights = [a.float().cpu() for a in attentions]
-    joint = attention_rollout(
-        weights, head_fusion, discard_ratio, class_token=layout["class_token"]
+    found = explain(
+        model,
+        images,
+        head_fusion=head_fusion,
+        discard_ratio=discard_ratio,
+        per_layer=per_layer,
     )
-    maps = rollout_to_maps(joint, grid, size, pool_weights=pool_weights, **layout)
     display = display.float().cpu()
-    writer.add_image("rollout/maps", rollout_grid(display, maps), step)
-    if tokenizer_maps:
-        gated = upsample(tokenizer_maps[-1].float().cpu()[:, 0], size)
-        writer.add_image("rollout/tokenizer", rollout_grid(display, normalize_maps(gated)), step)
-    if per_layer:
-        from torchvision.utils import make_grid
+    names = list(classes) if classes is not None else None
 
-        # Raw per-block attention (no rollout): a block's own head-mean weights as the "joint",
-        # read with the last forward's pooling weights where the model pools by sequence.
-        layers = [
-            rollout_to_maps(a.mean(dim=1), grid, size, pool_weights=pool_weights, **layout)
-            for a in weights
-        ]
-        heat = colorize(rearrange(torch.stack(layers, dim=1), "b l h w -> (b l) h w"))
-        writer.add_image(
-            "rollout/per_layer", make_grid(heat, nrow=len(layers), padding=2, pad_value=1.0), step
+    def name(i: int) -> str:
+        return names[i] if names is not None and i < len(names) else str(i)
+
+    top = found.probs.max(dim=-1)
+    text = {
+        "true": [name(int(y)) for y in labels] if labels is not None else None,
+        "predicted": [name(int(c)) for c in top.indices],
+        "probs": top.values.tolist(),
+    }
+    title = method_title("rollout", head_fusion, discard_ratio)
+    add = writer.add_image
+    add(
+        "rollout/maps",
+        render_maps(display, found.maps, title=title, **text),
+        step,
+        dataformats="HWC",
+    )
+    if found.tokenizer is not None:
+        picture = render_maps(display, found.tokenizer, title="tokenizer (CBAM)", **text)
+        add("rollout/tokenizer", picture, step, dataformats="HWC")
+    if found.layers is not None:
+        add(
+            "rollout/per_layer",
+            render_layer_maps(display, found.layers, **text),
+            step,
+            dataformats="HWC",
         )
+    if gradient:
+        grad = explain(model, images, method="gradient")
+        picture = render_maps(display, grad.maps, title=method_title("gradient"), **text)
+        add("rollout/gradient", picture, step, dataformats="HWC")
