@@ -258,18 +258,22 @@ class _Writer:
     def __init__(self) -> None:
         self.images: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def add_image(self, tag, img, step):
+    def add_image(self, tag, img, step, dataformats="CHW"):
         self.images[tag] = (img, step)
 
 
 def test_log_rollout_adds_the_tokenizer_panel() -> None:
+    from vit.rollout.render import layout_size
+
     model = tiny_cct(conv_attention="cbam").train()
     writer = _Writer()
     log_rollout(writer, model, torch.randn(3, 3, 16, 16), torch.rand(3, 3, 16, 16), 5)
     assert model.training
     assert set(writer.images) == {"rollout/maps", "rollout/tokenizer"}
-    for grid, step in writer.images.values():
-        assert step == 5 and grid.shape == (3, 3 * 18 + 2, 3 * 18 + 2)
+    maps, tokenizer = writer.images["rollout/maps"][0], writer.images["rollout/tokenizer"][0]
+    assert not np.array_equal(maps, tokenizer)
+    for picture, step in writer.images.values():
+        assert step == 5 and picture.shape == (*layout_size(3, 3, 128)[::-1], 3)
     plain = _Writer()
     log_rollout(plain, tiny_cct(), torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16), 1)
     assert set(plain.images) == {"rollout/maps"}
@@ -299,7 +303,8 @@ def test_short_training_run_and_rollout_cli(tmp_path) -> None:
     maps = tmp_path / "maps"
     argv = ["--checkpoint", str(out / "last.pt"), "--images", str(image)]
     assert rollout_main([*argv, "--out-dir", str(maps), "--device", "cpu"]) == 0
-    assert (maps / "a_rollout.png").is_file() and (maps / "a_tokenizer.png").is_file()
+    assert (maps / "a_rollout-mean-discard0.png").is_file()
+    assert (maps / "a_rollout-mean-discard0_tokenizer.png").is_file()
 
 
 def test_hybrid_cpu_recipe_is_the_plain_one_with_a_cct() -> None:

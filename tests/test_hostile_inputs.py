@@ -152,6 +152,7 @@ def test_a_bomb_in_training_rollout_and_caption_is_one_line(tmp_path: Path, caps
 
 def test_rollout_overlays_are_drawn_at_a_bounded_size(tmp_path: Path, capsys) -> None:
     from vit.rollout.__main__ import main as rollout_main
+    from vit.rollout.render import layout_size
 
     _folder(tmp_path / "data" / "train")
     args = ["--data", "imagefolder", "--data-dir", str(tmp_path / "data"), *TINY]
@@ -161,8 +162,9 @@ def test_rollout_overlays_are_drawn_at_a_bounded_size(tmp_path: Path, capsys) ->
     big = _png(tmp_path / "big.png", np.zeros((3000, 2000, 3), np.uint8))
     argv = ["--checkpoint", str(tmp_path / "run" / "last.pt"), "--images", str(big)]
     assert rollout_main([*argv, "--out-dir", str(tmp_path / "maps")]) == 0
-    with Image.open(tmp_path / "maps" / "big_rollout.png") as im:
-        assert max(im.size) <= 3 * 512 + 8
+    with Image.open(tmp_path / "maps" / "big_rollout-mean-discard0.png") as im:
+        # The model's 16-pixel crop enlarged to 128-pixel panels, whatever the file's size.
+        assert im.size == layout_size(1, 3, 128)
 
 
 def test_file_names_that_are_not_utf8(tmp_path: Path, capsys) -> None:

@@ -202,8 +202,8 @@ def test_quick_start_and_the_commands_on_its_run(ran: dict[str, Any]) -> None:
         assert keys == shown, (list(printed), shown)
         assert printed["n"] == 64  # --synthetic-val of TINY_BUDGET
     examples = sorted((ROOT / "docs" / "rollout_examples").glob("*.png"))
-    maps = sorted((tmp / "maps").glob("*_rollout.png"))
-    assert [p.name for p in maps] == [f"{p.stem}_rollout.png" for p in examples]
+    maps = sorted((tmp / "maps").glob("*_rollout-mean-discard0.png"))
+    assert [p.name for p in maps] == [f"{p.stem}_rollout-mean-discard0.png" for p in examples]
 
 
 def _prose(path: Path) -> str:

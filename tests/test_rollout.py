@@ -1,5 +1,5 @@
-"""Attention rollout: the math against a plain reference, capture on/off, planted attention, the
-TensorBoard hook and the command line."""
+"""Attention rollout: the math against a plain reference, capture on/off, planted attention (the
+pictures, the TensorBoard hook and the command line: tests/test_rollout_pictures.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ from vit.models import create_model
 from vit.rollout import (
     attention_rollout,
     capture_attention,
-    colorize,
     gradient_rollout,
     rollout_maps,
     rollout_to_maps,
 )
-from vit.rollout.tensorboard import log_rollout
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2, img_size=16)  # 4x4 patch grid, 17 tokens
 
@@ -239,38 +237,6 @@ def test_gradient_rollout_matches_hand_computation():
     assert not torch.allclose(relevance, torch.eye(17).expand(2, 17, 17))
 
 
-def test_colorize_is_jet():
-    rgb = colorize(torch.tensor([[[0.0, 0.5, 1.0]]]))[0, :, 0]  # (3 channels, 3 values)
-    torch.testing.assert_close(rgb[:, 0], torch.tensor([0.0, 0.0, 0.5]))  # dark blue
-    torch.testing.assert_close(rgb[:, 1], torch.tensor([0.5, 1.0, 0.5]))  # green
-    torch.testing.assert_close(rgb[:, 2], torch.tensor([0.5, 0.0, 0.0]))  # dark red
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.images: dict[str, tuple[torch.Tensor, int]] = {}
-
-    def add_image(self, tag, img, step):
-        self.images[tag] = (img, step)
-
-
-def test_log_rollout_writes_grids_and_restores_mode():
-    model = tiny_model().train()
-    images = torch.randn(4, 3, 16, 16)
-    display = torch.rand(4, 3, 16, 16)
-    writer = _Writer()
-    log_rollout(writer, torch.compile(model, backend="eager"), images, display, 7, per_layer=True)
-    assert model.training
-    assert all(block.attn.recorder is None for block in model.blocks)
-    grid, step = writer.images["rollout/maps"]
-    assert step == 7
-    assert grid.shape == (3, 4 * 18 + 2, 3 * 18 + 2)  # 4 rows of image | heatmap | overlay
-    assert grid.min() >= 0.0 and grid.max() <= 1.0
-    torch.testing.assert_close(grid[:, 2:18, 2:18], display[0])  # the image itself, first
-    layers, _ = writer.images["rollout/per_layer"]
-    assert layers.shape == (3, 4 * 18 + 2, 2 * 18 + 2)  # a column per block
-
-
 def test_capture_on_from_timm_model_equals_timm_attention():
     import timm
 
@@ -293,97 +259,3 @@ def test_capture_on_from_timm_model_equals_timm_attention():
     assert len(attentions) == len(theirs) == 2
     for a, b in zip(attentions, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------
-# Through the training engine and the command line
-# ----------------------------------------------------------------------------------------------
-def _image_events(run_dir) -> dict[str, list[int]]:
-    """Image tags → steps, over every event file under ``run_dir``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    steps: dict[str, list[int]] = {}
-    for path in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(path), size_guidance={"images": 0})
-        acc.Reload()
-        for tag in acc.Tags()["images"]:
-            steps.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
-    return steps
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny 2-epoch training run on synthetic data, with rollout images every epoch."""
-    from vit.train import main as train_main
-
-    out = tmp_path_factory.mktemp("run")
-    args = ["--data", "synthetic", "--img-size", "16", "--synthetic-train", "128"]
-    args += ["--synthetic-val", "32", "--epochs", "2", "--batch-size", "64", "--out-dir", str(out)]
-    args += ["--model-args", "{depth: 2, embed_dim: 32, num_heads: 2}", "--rollout-per-layer"]
-    assert train_main(args) == 0
-    return out
-
-
-def test_training_run_logs_rollout_images_every_epoch(run_dir):
-    events = _image_events(run_dir)
-    assert sorted(events["rollout/maps"]) == [2, 4]  # 2 steps per epoch, scrubbable by step
-    assert sorted(events["rollout/per_layer"]) == [2, 4]
-    assert (run_dir / "rollout_images.json").is_file()
-
-
-def _png(path, w, h):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
-    return str(path)
-
-
-def test_cli_writes_overlays_and_event_file(run_dir, tmp_path, capsys):
-    from PIL import Image
-
-    from vit.rollout.__main__ import main
-
-    a, b = _png(tmp_path / "a.png", 16, 16), _png(tmp_path / "b.jpg", 40, 24)
-    out, tb = tmp_path / "maps", tmp_path / "tb"
-    argv = ["--checkpoint", str(run_dir / "last.pt"), "--images", a, b, "--out-dir", str(out)]
-    argv += ["--tensorboard", str(tb), "--head-fusion", "max", "--discard-ratio", "0.9"]
-    assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert "b.jpg is 40x24; resized to 16x16" in err and "a.png" not in err
-    with Image.open(out / "a_rollout.png") as img:  # image | heatmap | overlay, enlarged to 128
-        assert img.size == (3 * 130 + 2, 132)
-    assert (out / "b_rollout.png").is_file()
-    assert _image_events(tb) == {"rollout/maps": [0]}
-
-
-@pytest.mark.parametrize(
-    "case", ["not_an_image", "no_model", "not_a_checkpoint", "bad_ratio", "cuda_without_gpu"]
-)
-def test_cli_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, case):
-    from vit.rollout.__main__ import main
-
-    if case == "cuda_without_gpu" and torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-
-    image = _png(tmp_path / "a.png", 16, 16)
-    ckpt = str(run_dir / "last.pt")
-    extra = []
-    if case == "not_an_image":
-        (tmp_path / "notes.png").write_text("not pixels")
-        image, expected = str(tmp_path / "notes.png"), "notes.png is not a readable image"
-    elif case == "no_model":
-        state = torch.load(ckpt, weights_only=True)
-        del state["model"], state["model_spec"]
-        torch.save(state, tmp_path / "empty.pt")
-        ckpt, expected = str(tmp_path / "empty.pt"), "holds no model"
-    elif case == "not_a_checkpoint":
-        ckpt, expected = image, "a.png"
-    elif case == "bad_ratio":
-        extra, expected = ["--discard-ratio", "1.5"], "--discard-ratio must be in [0, 1)"
-    else:
-        extra, expected = ["--device", "cuda"], "no CUDA device is available"
-    code = main(["--checkpoint", ckpt, "--images", image, "--out-dir", str(tmp_path), *extra])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("error: ") and expected in err and "Traceback" not in err

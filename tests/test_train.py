@@ -488,15 +488,24 @@ def test_rollout_hook_contract(tmp_path: Path, monkeypatch) -> None:
         )
     )
     t.fit()
-    assert [c[4] for c in calls] == [8, 16]
-    writer, model, images, display, _, kw = calls[0]
+    assert [c[4] for c in calls] == [0, 8, 16]  # before training, then at each validation
+    writer, model, images, display, _, kw = calls[1]
     assert model is t.ema.module and writer is not None
     assert images.shape == display.shape == (5, 3, 16, 16) and images.device == t.device
     assert display.dtype == torch.float32 and display.min() >= 0 and display.max() <= 1
     assert images.mean().abs() < 1.5 and not torch.equal(images, display)  # normalised
-    assert kw == {"head_fusion": "max", "discard_ratio": 0.0, "per_layer": True}
+    classes = t.task.state["classes"]
+    assert kw == {
+        "labels": [0, 1, 2, 3, 4],  # the first image of each class, up to --rollout-images
+        "classes": classes,
+        "head_fusion": "max",
+        "discard_ratio": 0.0,
+        "per_layer": True,
+        "gradient": False,
+    }
     record = json.loads((Path(t.cfg.out_dir) / "rollout_images.json").read_text())
     assert len(record["indices"]) == 5 and torch.equal(calls[1][3], display)
+    assert [int(t.val_set[i][1]) for i in record["indices"]] == [0, 1, 2, 3, 4]
 
 
 def _png_folder(root: Path, n: int, classes=("a", "b")) -> None:

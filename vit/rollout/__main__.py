@@ -105,9 +105,10 @@ def _target(value: str | None, classes: list[str]) -> int | None:
     if value.isdigit() and int(value) < len(classes):
         return int(value)
     hint = did_you_mean(value, classes, n=1)
+    shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
     raise ConfigError(
-        f"--class {value!r} is not a class of this model{hint}; pass a name or an index in "
-        f"[0, {len(classes)}): {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}"
+        f"--class {value!r} is not a class of this model (a name or an index in "
+        f"[0, {len(classes)}): {shown}){hint}"
     )
 
 

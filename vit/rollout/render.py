@@ -37,7 +37,9 @@ __all__ = [
     "SCALE",
     "colorize",
     "figure_to_array",
+    "layout_size",
     "overlay",
+    "panel_origin",
     "render_layer_maps",
     "render_maps",
     "to_unit",
@@ -138,17 +140,15 @@ def _draw(
     from matplotlib.figure import Figure
 
     n_cols = len(columns)
-    width = 2 * _MARGIN + n_cols * panel + (n_cols - 1) * _GAP
-    width = max(width, 300)  # room for the colour bar's caption
+    width, height = layout_size(len(rows), n_cols, panel)
     row_h = _HEADER + panel + _GAP
-    height = _MARGIN + _COLUMN_TITLE + len(rows) * row_h + _BAR_H + _BAR_BELOW
     fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="white")
 
     def box(x: float, y_top: float, w: float, h: float) -> list[float]:
         """Pixels from the top-left → matplotlib's figure fractions from the bottom-left."""
         return [x / width, 1 - (y_top + h) / height, w / width, h / height]
 
-    left = (width - (n_cols * panel + (n_cols - 1) * _GAP)) / 2
+    left, _ = panel_origin(len(rows), n_cols, panel, 0, 0)
     for j, title in enumerate(columns):
         fig.text(
             (left + j * (panel + _GAP) + panel / 2) / width,
@@ -162,7 +162,7 @@ def _draw(
     for i, (row, row_peaks, (headline, colour)) in enumerate(
         zip(rows, peaks, headlines, strict=True)
     ):
-        y = _MARGIN + _COLUMN_TITLE + i * row_h
+        y = panel_origin(len(rows), n_cols, panel, i, 0)[1] - _HEADER
         fig.text(
             left / width,
             1 - (y + _HEADER / 2) / height,
@@ -173,7 +173,7 @@ def _draw(
             color=colour,
         )
         for j, (rgb, peak) in enumerate(zip(row, row_peaks, strict=True)):
-            ax = fig.add_axes(box(left + j * (panel + _GAP), y + _HEADER, panel, panel))
+            ax = fig.add_axes(box(*panel_origin(len(rows), n_cols, panel, i, j), panel, panel))
             ax.imshow(rgb, interpolation="nearest", extent=(0, panel, panel, 0))
             ax.set_axis_off()
             if peak is not None:
@@ -198,6 +198,21 @@ def _draw(
     bar.ax.tick_params(labelsize=_FONT - 1, length=2, pad=1)
     bar.set_label(bar_label, fontsize=_FONT - 1, labelpad=1)
     return figure_to_array(fig)
+
+
+def layout_size(n_rows: int, n_cols: int, panel: int) -> tuple[int, int]:
+    """(width, height) in pixels of a picture of ``n_rows`` x ``n_cols`` panels."""
+    width = max(2 * _MARGIN + n_cols * panel + (n_cols - 1) * _GAP, 300)  # room for the bar
+    height = _MARGIN + _COLUMN_TITLE + n_rows * (_HEADER + panel + _GAP) + _BAR_H + _BAR_BELOW
+    return width, height
+
+
+def panel_origin(n_rows: int, n_cols: int, panel: int, row: int, col: int) -> tuple[int, int]:
+    """(x, y) pixels of the top-left corner of panel (``row``, ``col``) in such a picture."""
+    width, _ = layout_size(n_rows, n_cols, panel)
+    left = (width - (n_cols * panel + (n_cols - 1) * _GAP)) // 2
+    top = _MARGIN + _COLUMN_TITLE + row * (_HEADER + panel + _GAP) + _HEADER
+    return left + col * (panel + _GAP), top
 
 
 def _check(display: Tensor, maps: Tensor, panel: int) -> None:
