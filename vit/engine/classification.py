@@ -424,7 +424,7 @@ def confusion_figure(confusion: Tensor, classes: list[str]) -> np.ndarray:
     counts = confusion.long().numpy()
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     labelled = c <= CONFUSION_LABELLED
-    cell = 0.32 if labelled else max(0.02, 6.4 / c)  # inches
+    cell = 0.32 if labelled else max(0.01, 4.8 / c)  # inches
     names = max((len(n) for n in classes), default=1) if labelled else 0
     side = cell * c
     margin = 0.5 + 0.065 * min(names, 24)  # room for the rotated and left class names
@@ -455,12 +455,14 @@ def confusion_figure(confusion: Tensor, classes: list[str]) -> np.ndarray:
                         fontsize=size,
                         color=colour,
                     )
-    else:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    ax.tick_params(labelsize=7, length=0)
-    ax.set_xlabel("predicted class", fontsize=8)
-    ax.set_ylabel("true class", fontsize=8)
+    else:  # class indices every tenth class; the names are in the top-confusions text
+        ticks = range(0, c, 10 if c <= 200 else 100)
+        ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+        ax.set_yticks(ticks, labels=[str(t) for t in ticks])
+    ax.tick_params(labelsize=7, length=0 if labelled else 2)
+    index = "" if labelled else " (index)"
+    ax.set_xlabel(f"predicted class{index}", fontsize=8)
+    ax.set_ylabel(f"true class{index}", fontsize=8)
     top1 = np.trace(counts) / max(int(counts.sum()), 1)
     ax.set_title(f"{int(counts.sum())} images, top-1 {top1:.1%}", fontsize=8)
     cax = fig.add_axes(
@@ -474,7 +476,13 @@ def confusion_figure(confusion: Tensor, classes: list[str]) -> np.ndarray:
     bar = fig.colorbar(im, cax=cax)
     bar.ax.tick_params(labelsize=6)
     bar.set_label("share of the true class", fontsize=7)
-    return figure_to_array(fig)
+    picture = figure_to_array(fig)
+    # Crop the white margins the fixed layout leaves (long names need them, short ones do not):
+    # TensorBoard scales a picture to its card's width, so every spare pixel shrinks the text.
+    inked = np.nonzero((picture < 250).any(axis=2))
+    top, bottom = max(inked[0].min() - 6, 0), inked[0].max() + 7
+    left, right = max(inked[1].min() - 6, 0), inked[1].max() + 7
+    return np.ascontiguousarray(picture[top:bottom, left:right])
 
 
 def _sample_pixels(images: Any, rows: Tensor | None, budget: int = 2_000_000) -> Tensor:

@@ -109,8 +109,9 @@ def _headline(
 ) -> tuple[str, str]:
     """The text above row ``i`` and its colour (green: right, red: wrong, black: unknown)."""
     parts, colour = [], "black"
-    if names is not None:
-        parts.append(names[i])
+    if names is not None:  # long file names shortened in the middle: the headline is one line
+        name = names[i]
+        parts.append(name if len(name) <= 24 else f"{name[:11]}…{name[-11:]}")
     t = true[i] if true is not None else None
     if t is not None:
         parts.append(f"true {t}")
@@ -175,7 +176,10 @@ def _draw(
             headline,
             ha="left",
             va="center",
-            fontsize=_FONT,
+            # Shrunk to fit the width when long (DejaVu Sans: ~0.62 em per character).
+            fontsize=max(
+                6.0, min(_FONT + 1, (width - 2 * left) / (0.62 * max(len(headline), 1)) * 0.72)
+            ),
             color=colour,
         )
         for j, peak in enumerate(row_peaks):
