@@ -428,15 +428,9 @@ def confusion_figure(confusion: Tensor, classes: list[str]) -> np.ndarray:
     names = max((len(n) for n in classes), default=1) if labelled else 0
     side = cell * c
     margin = 0.5 + 0.065 * min(names, 24)  # room for the rotated and left class names
-    fig = Figure(figsize=(side + margin + 1.0, side + margin + 0.4), dpi=100, facecolor="white")
-    ax = fig.add_axes(
-        [
-            margin / (side + margin + 1.0),
-            margin / (side + margin + 0.4),
-            side / (side + margin + 1.0),
-            side / (side + margin + 0.4),
-        ]
-    )
+    w, h = side + margin + 1.0, side + margin + 0.4  # inches: the matrix, names, colour bar
+    fig = Figure(figsize=(w, h), dpi=100, facecolor="white")
+    ax = fig.add_axes((margin / w, margin / h, side / w, side / h))
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     if labelled:
         ax.set_xticks(range(c), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
@@ -465,14 +459,7 @@ def confusion_figure(confusion: Tensor, classes: list[str]) -> np.ndarray:
     ax.set_ylabel(f"true class{index}", fontsize=8)
     top1 = np.trace(counts) / max(int(counts.sum()), 1)
     ax.set_title(f"{int(counts.sum())} images, top-1 {top1:.1%}", fontsize=8)
-    cax = fig.add_axes(
-        [
-            (margin + side + 0.15) / (side + margin + 1.0),
-            margin / (side + margin + 0.4),
-            0.12 / (side + margin + 1.0),
-            side / (side + margin + 0.4),
-        ]
-    )
+    cax = fig.add_axes(((margin + side + 0.15) / w, margin / h, 0.12 / w, side / h))
     bar = fig.colorbar(im, cax=cax)
     bar.ax.tick_params(labelsize=6)
     bar.set_label("share of the true class", fontsize=7)

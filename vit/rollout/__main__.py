@@ -154,10 +154,14 @@ def _run_cli(args: Any) -> None:
     title = method_title(args.method, args.head_fusion, args.discard_ratio)
     if target is not None:
         title = f"gradient rollout ({classes[target]})"
-    all_display, all_maps, all_pred, all_prob = [], [], [], []
+    all_display: list[torch.Tensor] = []
+    all_maps: list[torch.Tensor] = []
+    all_pred: list[str] = []
+    all_prob: list[float] = []
     for start in range(0, len(files), _BATCH):
         batch = files[start : start + _BATCH]
-        pixels, display = [], []
+        pixels: list[torch.Tensor] = []
+        shown_list: list[torch.Tensor] = []
         for path in batch:
             im = decode_image(path)
             if im.size != (size, size):
@@ -171,7 +175,7 @@ def _run_cli(args: Any) -> None:
                 )
             pixels.append(preprocess.resize_image(im))  # uint8 (3, S, S)
             # The same crop at display resolution: the maps line up with what the model saw.
-            display.append(preprocess.resize_image(im, shown).float() / 255)
+            shown_list.append(preprocess.resize_image(im, shown).float() / 255)
         x = preprocess.normalize(torch.stack(pixels)).to(device)
         found = explain(
             model,
@@ -184,7 +188,7 @@ def _run_cli(args: Any) -> None:
         )
         top = found.probs.max(dim=-1)
         predicted = [classes[c] for c in top.indices.tolist()]
-        display = torch.stack(display)
+        display = torch.stack(shown_list)
         for i, path in enumerate(batch):
             out = outs[start + i]
             picture = render_maps(

@@ -388,10 +388,10 @@ def explain(
     finally:
         inner.train(was_training)
     pool_weights = last_or_none([w.float().cpu() for w in attentions.pool_weights])
-    attentions = [a.float().cpu() for a in attentions]
+    weights = [a.float().cpu() for a in attentions]
     if method == "rollout":
         joint = attention_rollout(
-            attentions, head_fusion, discard_ratio, start_layer, class_token=layout["class_token"]
+            weights, head_fusion, discard_ratio, start_layer, class_token=layout["class_token"]
         )
     else:
         if target is None:
@@ -402,7 +402,7 @@ def explain(
     layers = None
     if per_layer:
         # A block's own head-mean weights as the "joint" (no rollout), read as the rollout is.
-        layers = torch.stack([rollout_to_maps(a.mean(dim=1), grid, **kw) for a in attentions], 1)
+        layers = torch.stack([rollout_to_maps(a.mean(dim=1), grid, **kw) for a in weights], 1)
     gated = None
     if tokenizer_maps:
         gated = relative_to_uniform(tokenizer_maps[-1].float().cpu()[:, 0])

@@ -110,7 +110,8 @@ def _headline(
     """The text above row ``i`` and its colour (green: right, red: wrong, black: unknown)."""
     parts, colour = [], "black"
     if names is not None:  # long file names shortened in the middle: the headline is one line
-        name = names[i]
+        # A file name that is not UTF-8 (surrogate-escaped bytes) is shown escaped: caf\xe9.png.
+        name = names[i].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         parts.append(name if len(name) <= 24 else f"{name[:11]}…{name[-11:]}")
     t = true[i] if true is not None else None
     if t is not None:
@@ -145,9 +146,9 @@ def _draw(
     row_h = _HEADER + panel + _GAP
     fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="white")
 
-    def box(x: float, y_top: float, w: float, h: float) -> list[float]:
+    def box(x: float, y_top: float, w: float, h: float) -> tuple[float, float, float, float]:
         """Pixels from the top-left → matplotlib's figure fractions from the bottom-left."""
-        return [x / width, 1 - (y_top + h) / height, w / width, h / height]
+        return (x / width, 1 - (y_top + h) / height, w / width, h / height)
 
     # The panels go into one pixel canvas drawn 1:1 (figimage: no resampling, and far cheaper
     # than an Axes per panel); text and the colour bar are drawn over it.

@@ -63,7 +63,7 @@ def log_rollout(
         return names[i] if names is not None and i < len(names) else str(i)
 
     top = found.probs.max(dim=-1)
-    text = {
+    text: dict[str, Any] = {
         "true": [name(int(y)) for y in labels] if labels is not None else None,
         "predicted": [name(int(c)) for c in top.indices],
         "probs": top.values.tolist(),
