@@ -368,8 +368,8 @@ def test_attention_strip_draws_the_lstm_maps(shapes16) -> None:
     caption = ds.references[0][0]
     strip = attention_strip(model, normalize(image), image[0].float() / 255, caption, tok)
     words = len(Tokenizer.split(caption))
-    # The image and one panel per word, each 16 px scaled to 64 px plus a 2 px gap; a label row.
-    assert strip.dtype == torch.uint8 and strip.shape == (3, 64 + 12, (words + 1) * 66)
+    # The image and one panel per word, each 16 px scaled to 96 px plus a 2 px gap; a label row.
+    assert strip.dtype == torch.uint8 and strip.shape == (3, 96 + 16, (words + 1) * 98)
 
 
 # ----------------------------------------------------------------------------------------------
