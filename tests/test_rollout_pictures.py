@@ -376,3 +376,24 @@ def test_cli_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
+
+
+def test_docs_figure_script_draws_one_row_per_class(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "figure.png"
+    argv = [sys.executable, str(root / "docs" / "rollout_figure.py")]
+    argv += ["--checkpoint", str(run_dir / "last.pt"), "--out", str(out), "--max-classes", "4"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=tmp_path)
+    rows = [
+        line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    assert len(rows) == 1 + 4  # the header, then one line per class: true, predicted, peak, ...
+    assert rows[1].startswith("| disk |")
+    width, height = layout_size(2, 3, 128)  # two side-by-side groups of two rows
+    with Image.open(out) as img:
+        assert img.size == (2 * width, height)
