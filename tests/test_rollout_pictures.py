@@ -321,7 +321,10 @@ def test_cli_reads_export_folders(run_dir, tmp_path, capsys):
     export = tmp_path / "export"
     assert export_main(["--checkpoint", str(run_dir / "last.pt"), "--out-dir", str(export)]) == 0
     image = _png(tmp_path / "a.png", 16, 16)
-    assert main(["--checkpoint", str(run_dir / "last.pt"), image, "--out-dir", "x1"]) == 0
+    assert (
+        main(["--checkpoint", str(run_dir / "last.pt"), image, "--out-dir", str(tmp_path / "x")])
+        == 0
+    )
     from_ckpt = capsys.readouterr().out.split("(")[1]
     out = tmp_path / "maps"
     assert main(["--checkpoint", str(export), image, "--out-dir", str(out)]) == 0
