@@ -348,7 +348,7 @@ def test_rollout_usage_and_output_paths_are_one_line(tmp_path: Path, capsys) -> 
     from vit.rollout.__main__ import main as rollout_main
 
     assert rollout_main(["--checkpoint", "x.pt"]) == 2
-    one_line_error(capsys, "no images: pass image files or folders")
+    one_line_error(capsys, "name the images: python -m vit.rollout --checkpoint CKPT PATH")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     for flag in ("--out-dir", "--tensorboard"):

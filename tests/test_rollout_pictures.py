@@ -371,7 +371,7 @@ def test_cli_bad_input_exits_2_with_a_message(run_dir, tmp_path, capsys, case):
     elif case == "unknown_class":
         extra, expected = ["--method", "gradient", "--class", "rinq"], "did you mean 'ring'"
     elif case == "no_images":
-        image, expected = None, "no images"
+        image, expected = None, "name the images"
     else:
         extra, expected = ["--device", "cuda"], "no CUDA device is available"
     paths = [image] if image else []

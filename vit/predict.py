@@ -44,6 +44,7 @@ def load_classifier(
     from vit.models.pretrained import read_export
 
     path = Path(model_path)
+    preprocess: Preprocess | None
     if path.is_dir():
         model, config = read_export(path)
         if weights not in ("auto", config["weights"]):
@@ -70,7 +71,8 @@ def load_classifier(
             f"{path} is a {task!r} model, not a classifier; to caption images use python -m "
             f"vit.caption"
         )
-    return model, list(classes), preprocess
+    assert preprocess is not None  # set for every classifier above
+    return model, list(classes or []), preprocess
 
 
 def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -172,7 +174,7 @@ def _classify(
         yield {"path": display_path(path), "classes": [classes[j] for j in idx], "probs": p}
 
 
-def _writer(stream: TextIO, fmt: str, k: int) -> Callable[[dict[str, Any]], None]:
+def _writer(stream: TextIO, fmt: str, k: int) -> Callable[[dict[str, Any]], object]:
     if fmt == ".jsonl":
         return lambda row: stream.write(json.dumps(row) + "\n")
     table = csv.writer(stream)
@@ -218,7 +220,9 @@ def _run(args: Any) -> None:
     out = Path(args.predictions) if args.predictions else None
     fmt = out.suffix.lower() if out else ".jsonl"
     if fmt not in _FORMATS:
-        raise ConfigError(f"--predictions must end in .csv or .jsonl, got {display_path(out)}")
+        raise ConfigError(
+            f"--predictions must end in .csv or .jsonl, got {display_path(args.predictions)}"
+        )
     if out is not None and not out.parent.is_dir():
         raise ConfigError(
             f"cannot write --predictions {display_path(out)}: its folder does not exist"
@@ -250,7 +254,7 @@ def _run(args: Any) -> None:
             for row in _chain(first, rows):
                 write(row)
                 written += 1
-        if tmp is not None:
+        if tmp is not None and out is not None:
             os.replace(tmp, out)
     except BrokenPipeError:  # stdout's reader stopped early (| head): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

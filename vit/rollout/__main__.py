@@ -117,8 +117,8 @@ def _run_cli(args: Any) -> None:
 
     from vit.engine.config import resolve_device
     from vit.errors import ConfigError
-    from vit.predict import expand_paths, load_classifier
-    from vit.preprocess import decode_image, display_path
+    from vit.predict import load_classifier
+    from vit.preprocess import decode_image, display_path, image_paths
 
     if not 0.0 <= args.discard_ratio < 1.0:  # also refuses NaN
         raise ConfigError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
@@ -126,12 +126,14 @@ def _run_cli(args: Any) -> None:
         raise ConfigError("--class needs --method gradient (rollout is not class-specific)")
     given = [*args.paths, *args.images]
     if not given:
-        raise ConfigError("no images: pass image files or folders (PATH ...)")
+        raise ConfigError(
+            "name the images: python -m vit.rollout --checkpoint CKPT PATH [PATH ...]"
+        )
     out_dir = Path(args.out_dir)
     for flag, folder in (("--out-dir", out_dir), ("--tensorboard", args.tensorboard)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{flag} {folder} is a file; pass a folder")
-    files = expand_paths(given)
+    files = image_paths(given)
     device = resolve_device(args.device)
     model, classes, preprocess = load_classifier(args.checkpoint, args.weights)
     target = _target(args.target, classes)
