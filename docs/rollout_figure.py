@@ -22,6 +22,7 @@ from PIL import Image
 from vit.engine.checkpoint import load_model
 from vit.engine.config import make_config
 from vit.engine.tasks import get_task
+from vit.models.pretrained import read_export
 from vit.rollout import explain, render_maps
 from vit.rollout.maps import HEAD_FUSIONS, METHODS
 from vit.rollout.tensorboard import method_title
@@ -29,7 +30,9 @@ from vit.rollout.tensorboard import method_title
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a best.pt/last.pt of a classifier")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a classifier's best.pt/last.pt or export folder"
+    )
     parser.add_argument("--out", required=True, help="the PNG to write")
     parser.add_argument(
         "--data-dir", help="where the checkpoint's data is now (default: as trained)"
@@ -41,7 +44,12 @@ def main() -> None:
     parser.add_argument("--columns", type=int, default=2, help="side-by-side groups of rows")
     args = parser.parse_args()
 
-    model, ckpt = load_model(args.checkpoint)
+    if Path(args.checkpoint).is_dir():  # an export folder records the run's config and classes
+        model, export = read_export(args.checkpoint)
+        state = {"classes": export["class_names"], "preprocess": export["preprocess"]}
+        ckpt = {"config": export["train_config"], "task": export["task"], "task_state": state}
+    else:
+        model, ckpt = load_model(args.checkpoint)
     cfg = make_config(ckpt["config"])
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
