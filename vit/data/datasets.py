@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vit.data.transforms import A, reseed, sample_seed
-from vit.errors import DataError
+from vit.errors import DataError, OutputError
+from vit.fileio import atomic_write
 from vit.preprocess import IMG_EXTENSIONS, Preprocess, display_path, is_image_name
 
 __all__ = [
@@ -293,11 +294,10 @@ def image_folder(
         images = np.stack(decoded)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, labels=label_array)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the decoding time again
+        with atomic_write(path, "wb") as f:  # exclusive temporary file, then a rename
+            np.savez(f, images=images, labels=label_array)
+    except (OSError, OutputError):
+        pass  # a read-only or full cache only costs the decoding time again
     return torch.from_numpy(images), torch.from_numpy(label_array), classes
 
 

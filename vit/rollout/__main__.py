@@ -66,6 +66,7 @@ def _run_cli(args: Any) -> None:
     from vit.engine.checkpoint import checkpoint_preprocess, load_model
     from vit.engine.config import resolve_device
     from vit.errors import ConfigError, UsageError
+    from vit.fileio import atomic_write
     from vit.preprocess import decode_image, display_path
 
     if not 0.0 <= args.discard_ratio < 1.0:  # also refuses NaN
@@ -129,10 +130,12 @@ def _run_cli(args: Any) -> None:
     except OSError as e:
         raise ConfigError(f"cannot create --out-dir {out_dir}: {e.strerror}") from None
     for i, out in enumerate(_output_paths(args.images, out_dir)):
-        save_image(rollout_grid(display[i : i + 1], maps[i : i + 1]), out)
+        with atomic_write(out, "wb") as f:  # never through a link, never half a picture
+            save_image(rollout_grid(display[i : i + 1], maps[i : i + 1]), f, format="png")
         if gated is not None:
             tokenizer_out = out.with_name(out.name.replace("_rollout.png", "_tokenizer.png"))
-            save_image(rollout_grid(display[i : i + 1], gated[i : i + 1]), tokenizer_out)
+            with atomic_write(tokenizer_out, "wb") as f:
+                save_image(rollout_grid(display[i : i + 1], gated[i : i + 1]), f, format="png")
         conf, cls = probs[i].max(dim=0)
         name = classes[cls.item()] if cls.item() < len(classes) else str(cls.item())
         written = f"{display_path(args.images[i])} -> {display_path(out)}"
