@@ -292,7 +292,8 @@ def test_predict_output_may_not_name_an_input_or_the_checkpoint(trained, tmp_pat
     img = tmp_path / "img.csv"  # an image named explicitly, under an output's name
     shutil.copy(trained["data"] / "train" / "cat" / "0.png", img)
     for out, inputs in ((ckpt, [str(img)]), (img, [str(img)])):
-        result = _run_cli("vit.predict", "--checkpoint", str(ckpt), *inputs, "--output", str(out))
+        argv = ["--checkpoint", str(ckpt), *inputs, "--predictions", str(out)]
+        result = _run_cli("vit.predict", *argv)
         assert result.returncode == 2, result.stderr
         _one_line(result.stderr, "is one of the inputs")
     assert ckpt.read_bytes() == before
@@ -318,7 +319,7 @@ def test_predict_output_paths_are_checked_before_the_work(trained, tmp_path) -> 
     if os.geteuid() != 0:  # root writes anywhere
         cases.append((readonly / "p.csv", "is not writable"))
     for out, message in cases:
-        result = _run_cli("vit.predict", "--checkpoint", str(trained["ckpt"]), img, "--output",
+        result = _run_cli("vit.predict", "--checkpoint", str(trained["ckpt"]), img, "--predictions",
                           str(out))  # fmt: skip
         assert result.returncode == 2
         _one_line(result.stderr, message)
@@ -364,7 +365,7 @@ def test_writes_never_follow_planted_links(trained, tmp_path) -> None:
     for name in (".preds.csv.tmp", "README.md", "config.json", "model.safetensors"):
         (out / name).symlink_to(victim)
     img = str(trained["data"] / "train" / "cat" / "0.png")
-    result = _run_cli("vit.predict", "--checkpoint", str(trained["ckpt"]), img, "--output",
+    result = _run_cli("vit.predict", "--checkpoint", str(trained["ckpt"]), img, "--predictions",
                       str(out / "preds.csv"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert victim.read_text() == "precious\n"
@@ -420,7 +421,7 @@ def test_full_disk_mid_write_exits_1_and_writes_nothing(trained, tmp_path) -> No
     out = tmp_path / "p.csv"
     out.write_text("previous\n")
     img = str(trained["data"] / "train" / "cat" / "0.png")
-    argv = ["--checkpoint", str(trained["ckpt"]), img, "--output", str(out)]
+    argv = ["--checkpoint", str(trained["ckpt"]), img, "--predictions", str(out)]
     result = subprocess.run(
         [sys.executable, "-c", _ENOSPC_PREDICT, *argv], capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -527,7 +528,7 @@ def test_csv_writers_neutralise_formulas(trained, tmp_path) -> None:
     assert train_main(flags(run)) == 0
     preds = tmp_path / "p.csv"
     result = _run_cli("vit.predict", "--checkpoint", str(tmp_path / "run" / "last.pt"),
-                      str(bad_img), "--output", str(preds))  # fmt: skip
+                      str(bad_img), "--predictions", str(preds))  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = list(csv.reader(preds.read_text().splitlines()))
     cells = [c for row in rows[1:] for c in row]
