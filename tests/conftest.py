@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +54,19 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    """Every test starts from the same random state (torch, numpy, Python) and default dtype,
+    whatever ran before it: a test's random inputs never depend on the order or selection of
+    tests (a full-suite run once drew other inputs than the file alone)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
 
 
 @pytest.fixture

@@ -212,9 +212,10 @@ def test_beam_size_one_is_greedy(trained_model, images) -> None:
 
 def test_beam_search_is_exact_when_the_beam_holds_every_prefix(trained_model, images) -> None:
     # With beam_size = vocabulary size and two steps nothing is pruned, so the result must be the
-    # most likely two-token continuation, found here by enumerating all of them.
+    # most likely two-token continuation, found here by enumerating all of them (ranked by the
+    # summed log-probability: length_penalty 0).
     v, cfg = trained_model.config.vocab_size, trained_model.config
-    beam = trained_model.generate(images, 2, beam_size=v)
+    beam = trained_model.generate(images, 2, beam_size=v, length_penalty=0.0)
     bos = torch.full((len(images), 1), cfg.bos_id)
     with torch.no_grad():
         first = trained_model(images, bos)[:, -1].log_softmax(-1)  # (B, V)

@@ -462,7 +462,7 @@ def test_load_pretrained_strips_wrappers_in_any_order() -> None:
 
 
 def test_preprocess_refuses_a_malformed_record() -> None:
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError, match=r"missing entries \['img_size', 'std'\]"):
         Preprocess.from_dict({"mean": [0, 0, 0]})
 
 

@@ -20,7 +20,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vit"
 LEVELS = {
     "vit": 0,
     "vit.errors": 0,
+    "vit.fileio": 0,
     "vit.preprocess": 0,
+    "vit.fileio": 0,
     "vit.layers": 1,
     "vit.models": 2,
     "vit.data": 3,

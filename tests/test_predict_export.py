@@ -438,7 +438,7 @@ def _bad_config(folder: Path, kind: str) -> None:
         ("wrong format", r"is not a vit export config \(no format 'vit\.export/1'\)"),
         ("no class names", r"'class_names' is not a list of names"),
         ("huge model", r"cannot be built with the [\d,]+ weights stored beside it \(.*has [\d,]+"),
-        ("other architecture", r"do not fit its config's 'vit_tiny_patch4_32'"),
+        ("other architecture", r"do not fit the model: other shapes: blocks.0.mlp.fc1.weight"),
         ("corrupt weights", r"not a valid safetensors file"),
     ],
 )

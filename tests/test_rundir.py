@@ -205,7 +205,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_exits_1(
     def save(obj, path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 3:
-            Path(path).write_bytes(b"partial")
+            path.write(b"partial")  # a file object: vit.fileio.atomic_write's temporary file
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, path, *args, **kwargs)
 

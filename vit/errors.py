@@ -20,6 +20,7 @@ __all__ = [
     "CliParser",
     "ConfigError",
     "DataError",
+    "OutputError",
     "UsageError",
     "did_you_mean",
     "run_command",
@@ -40,6 +41,16 @@ class DataError(UsageError):
 
 class CheckpointError(UsageError):
     """A checkpoint that cannot be used (missing, corrupt, unsafe, another architecture)."""
+
+
+class OutputError(RuntimeError):
+    """An output could not be written although it was checked first (a full disk, an I/O
+    error): exit code 1, and whatever was being written is left as it was (see
+    :mod:`vit.fileio`). ``reason``: what went wrong, without the path."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def did_you_mean(
@@ -124,9 +135,13 @@ class CliParser(argparse.ArgumentParser):
 
 
 def run_command(main: Callable[[], int | None]) -> int:
-    """Run a command's body: a :class:`UsageError` becomes ``error: ...`` on stderr and exit 2."""
+    """Run a command's body: a :class:`UsageError` becomes ``error: ...`` on stderr and exit 2,
+    an :class:`OutputError` (a full disk mid-write) the same line and exit 1."""
     try:
         return main() or 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

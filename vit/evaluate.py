@@ -20,6 +20,7 @@ from vit.engine.checkpoint import load_model
 from vit.engine.config import make_config, resolve_device
 from vit.engine.tasks import get_task
 from vit.errors import CliParser, ConfigError, run_command
+from vit.fileio import atomic_write, check_output, csv_row
 from vit.preprocess import display_path
 
 __all__ = ["evaluate_checkpoint", "main"]
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.pop("predictions")
         if out is not None and Path(out).suffix.lower() not in (".csv", ".jsonl"):
             raise ConfigError(f"--predictions must end in .csv or .jsonl, got {out}")
+        if out is not None:  # before the evaluation runs; never over the checkpoint
+            check_output(out, "--predictions", inputs=[args["checkpoint"]])
         rows: list[dict[str, Any]] | None = [] if out is not None else None
         records: dict[str, Any] = {}
         metrics = evaluate_checkpoint(**args, predictions=rows, records=records)
@@ -132,13 +135,13 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rows as JSON lines, or CSV with a header, chosen by ``path``'s extension."""
     columns = ["index", "path", "label", "predicted", "prob"]
     columns = [c for c in columns if rows and c in rows[0]]
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, newline="") as f:
         if path.suffix.lower() == ".jsonl":
             f.writelines(json.dumps({c: r[c] for c in columns}) + "\n" for r in rows)
         else:
-            table = csv.DictWriter(f, columns)
-            table.writeheader()
-            table.writerows(rows)
+            table = csv.writer(f)
+            table.writerow(columns)
+            table.writerows(csv_row(r.get(c) for c in columns) for r in rows)
 
 
 if __name__ == "__main__":

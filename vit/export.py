@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import secrets
 import shlex
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +25,8 @@ import torch
 from torch import nn
 
 from vit.engine.checkpoint import checkpoint_preprocess, load_model
-from vit.errors import CliParser, ConfigError, UsageError, run_command
+from vit.errors import CliParser, ConfigError, OutputError, UsageError, run_command
+from vit.fileio import atomic_write, write_failure
 from vit.models import num_params, save_pretrained
 from vit.models.pretrained import CONFIG_NAME, EXPORT_FORMAT, WEIGHTS_NAME, timm_architecture
 from vit.preprocess import Preprocess
@@ -64,16 +69,67 @@ def export_checkpoint(
     preprocess = checkpoint_preprocess(ckpt)
     used_ema = weights != "model" and bool(ckpt.get("ema"))
     config = export_config(ckpt, preprocess, used_ema=used_ema, model=model)
+    # The whole folder is written beside its destination and renamed into place: an export
+    # interrupted at any point (a kill during --onnx, a full disk) leaves the previous folder
+    # as it was, never new weights beside an old graph or config, and nothing is written
+    # through a link the folder holds (a Hub snapshot is all links).
+    final = out.resolve() if out.is_symlink() else out
+    staging = _staging_dir(final)
     try:
-        save_pretrained(model, out, config=config)
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out-dir {out}: {e.strerror or e}") from None
-    (out / CARD_NAME).write_text(model_card(config, ckpt, num_params(model), out))
-    if onnx:
-        export_onnx(model, out / ONNX_NAME, preprocess.img_size)
-    else:
-        (out / ONNX_NAME).unlink(missing_ok=True)  # an earlier export's graph of other weights
+        try:
+            save_pretrained(model, staging, config=config)
+            with atomic_write(staging / CARD_NAME) as f:
+                f.write(model_card(config, ckpt, num_params(model), out))
+        except OSError as e:
+            raise write_failure(e, out) from None
+        except Exception as e:  # safetensors reports a failed write as SafetensorError
+            if type(e).__name__ != "SafetensorError":
+                raise
+            reason = "the disk is full" if "No space left" in str(e) else str(e).splitlines()[0]
+            raise OutputError(
+                f"cannot write {out}: {reason}; nothing was written there", reason
+            ) from None
+        if onnx:
+            export_onnx(model, staging / ONNX_NAME, preprocess.img_size)
+        try:
+            _replace_dir(staging, final)
+        except OSError as e:
+            raise write_failure(e, out) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _staging_dir(final: Path) -> Path:
+    """A fresh, exclusively created folder beside ``final`` (same file system, so the final
+    rename is atomic), readable as a normal folder."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out-dir {final}: {e.strerror or e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Rename ``staging`` to ``final``; an existing ``final`` (empty, or a previous export) is
+    first renamed aside and removed after. Between the two renames ``final`` is absent (refused
+    by loaders), never mixed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(final, old)
+    try:
+        os.rename(staging, final)
+    except OSError:
+        if old is not None:
+            os.rename(old, final)  # put the previous export back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_config(
@@ -108,11 +164,11 @@ def export_config(
         "weights": "ema" if used_ema else "model",
         "metric": {
             "name": primary,
-            "value": metrics.get(primary),
+            "value": _finite(metrics.get(primary)),
             "split": "val",
             "epoch": progress.get("epoch"),
             "step": progress.get("step"),
-            "all": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
+            "all": {k: _finite(v) for k, v in metrics.items() if isinstance(v, int | float | str)},
         },
         "train_config": ckpt["config"],
     }
@@ -148,6 +204,11 @@ def timm_pretrained_cfg(
         "num_classes": len(class_names),
         "label_names": class_names,
     }
+
+
+def _finite(value: Any) -> Any:
+    """A metric for JSON, which has no NaN: a non-finite number becomes ``None``."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def train_command(run_config: dict[str, Any]) -> str:
@@ -302,7 +363,9 @@ def export_onnx(model: nn.Module, path: Path, img_size: int) -> None:
     # torch.export specialises sizes 0 and 1, so the example batch has 2 images.
     example = torch.zeros(2, 3, img_size, img_size)
     batch = torch.export.Dim("batch", min=1)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         program = torch.onnx.export(
             model.eval(),
@@ -325,9 +388,15 @@ def export_onnx(model: nn.Module, path: Path, img_size: int) -> None:
 
 
 def _check_out_dir(out: Path) -> None:
-    """Refuse an ``out`` that is a file, or a non-empty folder that is not a previous export."""
+    """Refuse an ``out`` that is a file, whose parent folder cannot be written, or a non-empty
+    folder that is not a previous export."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out-dir {out} is a file; pass a folder")
+    parent = (out.resolve() if out.is_symlink() else out).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write --out-dir {out}: {parent} is not writable")
     if not out.is_dir():
         return
     names = sorted(p.name for p in out.iterdir())

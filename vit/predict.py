@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vit.errors import CheckpointError, CliParser, ConfigError, DataError, run_command
+from vit.fileio import atomic_write, check_output, csv_row
 from vit.preprocess import Preprocess, display_path, image_paths
 
 __all__ = ["expand_paths", "load_classifier", "main", "predict"]
@@ -169,6 +170,12 @@ def _classify(
         raise CheckpointError(
             f"the model has {probs.shape[-1]} outputs but {len(classes)} class names"
         )
+    if not bool(torch.isfinite(probs).all()):  # never a NaN in the output, which is not JSON
+        shown = ", ".join(display_path(p) for p in paths[:3])
+        raise CheckpointError(
+            f"the model's outputs are not finite numbers for {shown}: its weights or "
+            f"preprocessing are broken; export the checkpoint again"
+        )
     top_p, top_i = probs.topk(k, dim=-1)
     for path, p, idx in zip(paths, top_p.tolist(), top_i.tolist(), strict=True):
         yield {"path": display_path(path), "classes": [classes[j] for j in idx], "probs": p}
@@ -182,7 +189,7 @@ def _writer(stream: TextIO, fmt: str, k: int) -> Callable[[dict[str, Any]], obje
 
     def write(row: dict[str, Any]) -> None:
         pairs = zip(row["classes"], row["probs"], strict=True)
-        table.writerow([row["path"], *(v for pair in pairs for v in pair)])
+        table.writerow(csv_row([row["path"], *(v for pair in pairs for v in pair)]))
 
     return write
 
@@ -220,13 +227,11 @@ def _run(args: Any) -> None:
     out = Path(args.predictions) if args.predictions else None
     fmt = out.suffix.lower() if out else ".jsonl"
     if fmt not in _FORMATS:
-        raise ConfigError(
-            f"--predictions must end in .csv or .jsonl, got {display_path(args.predictions)}"
-        )
-    if out is not None and not out.parent.is_dir():
-        raise ConfigError(
-            f"cannot write --predictions {display_path(out)}: its folder does not exist"
-        )
+        raise ConfigError(f"--predictions must end in .csv or .jsonl, got {display_path(out)}")
+    if out is not None:  # before any work; an output never replaces an input
+        ckpt = Path(args.checkpoint)
+        inside = list(ckpt.iterdir()) if ckpt.is_dir() else []
+        check_output(out, "--predictions", inputs=[ckpt, *inside, *args.paths])
     failed: list[Path] = []
 
     def skip(path: Path, error: DataError) -> None:
@@ -247,21 +252,15 @@ def _run(args: Any) -> None:
     if first is None:
         raise DataError(f"none of the {len(failed)} images could be read")
     written = 0
-    tmp = out.with_name(f".{out.name}.tmp") if out else None
     try:
-        with open(tmp, "w", newline="", encoding="utf-8") if tmp else _stdout() as stream:
+        with atomic_write(out, newline="") if out else _stdout() as stream:
             write = _writer(stream, fmt, len(first["classes"]))
             for row in _chain(first, rows):
                 write(row)
                 written += 1
-        if tmp is not None and out is not None:
-            os.replace(tmp, out)
     except BrokenPipeError:  # stdout's reader stopped early (| head): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
     if failed:
         total = written + len(failed)
         print(f"{len(failed)} of {total} images could not be read", file=sys.stderr)

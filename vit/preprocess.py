@@ -13,10 +13,11 @@ Decoding handles, in one place: the image mode (palette, grey, alpha and CMYK im
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,11 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vit.errors import DataError
+from vit.errors import ConfigError, DataError
+from vit.fileio import is_regular_file
 
 __all__ = [
     "IMG_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
+    "MAX_IMG_SIZE",
     "Preprocess",
     "decode_image",
     "display_path",
@@ -43,6 +46,14 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tif
 # refused from their header, so a decompression bomb (a small file declaring a huge canvas) never
 # allocates its canvas.
 MAX_IMAGE_PIXELS = 64_000_000
+# The largest model input side a Preprocess (and a stored model spec) may ask for.
+MAX_IMG_SIZE = 8192
+_RESIZES = ("center_crop", "squash")
+_INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def display_path(path: str | os.PathLike[str]) -> str:
@@ -65,6 +76,11 @@ def decode_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_IMAGE_PI
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     shown = display_path(path)
+    if os.path.exists(path) and not is_regular_file(path):
+        # A FIFO or device named *.png would block the reader forever.
+        raise DataError(
+            f"{shown} is not a regular file (a folder, FIFO or device); pass image files"
+        )
     try:
         with warnings.catch_warnings():
             # PIL warns (or raises) about large images while opening; the limit below answers.
@@ -151,7 +167,11 @@ def list_images(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames if is_image_name(f)]
+        found += [
+            Path(dirpath) / f
+            for f in filenames
+            if is_image_name(f) and is_regular_file(Path(dirpath) / f)  # no FIFOs, devices
+        ]
     return sorted(found)
 
 
@@ -190,6 +210,33 @@ class Preprocess:
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
     def __post_init__(self) -> None:
+        # Every number may come from a file (a checkpoint, an export's config.json): each is
+        # checked here, where a Preprocess is made, so a NaN or an absurd size never reaches a
+        # model's input.
+        size = self.img_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMG_SIZE:
+            raise ConfigError(
+                f"preprocess img_size must be an integer in [1, {MAX_IMG_SIZE}], got {size!r}"
+            )
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            ok = isinstance(values, list | tuple) and len(values) == 3
+            if ok:
+                ok = all(_is_number(v) and math.isfinite(v) for v in values)
+            if not ok or (name == "std" and min(values) < 0):
+                rule = "3 non-negative finite numbers" if name == "std" else "3 finite numbers"
+                raise ConfigError(
+                    f"preprocess {name} must be {rule} (one per RGB channel), got {values!r}"
+                )
+        if self.resize not in _RESIZES:
+            raise ConfigError(
+                f"preprocess resize must be one of {', '.join(_RESIZES)}, got {self.resize!r}"
+            )
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ConfigError(
+                f"preprocess interpolation must be one of {', '.join(_INTERPOLATIONS)}, got "
+                f"{self.interpolation!r}"
+            )
         # A constant channel (std 0, e.g. two-colour images) would turn every input into NaN:
         # the std is at least one grey level.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -201,11 +248,25 @@ class Preprocess:
         return {**d, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+    def from_dict(cls, d: Any) -> Preprocess:
+        """The :class:`Preprocess` of a :meth:`to_dict` record, checked entry by entry.
+
+        Raises:
+            ConfigError: not a mapping, a missing or unknown entry, or a value out of range.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"a preprocess record must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(map(str, set(d) - known))
+        missing = sorted({"img_size", "mean", "std"} - set(d))
+        if unknown or missing:
+            what = [f"unknown entries {unknown}"] if unknown else []
+            what += [f"missing entries {missing}"] if missing else []
+            raise ConfigError(f"preprocess record has {' and '.join(what)}")
         return cls(
-            img_size=int(d["img_size"]),
-            mean=tuple(d["mean"]),
-            std=tuple(d["std"]),
+            img_size=d["img_size"],
+            mean=d["mean"],
+            std=d["std"],
             resize=d.get("resize", "center_crop"),
             interpolation=d.get("interpolation", "bicubic"),
         )

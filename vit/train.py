@@ -6,13 +6,14 @@ checkpoint cannot be written, 128+signal after SIGTERM/SIGINT (a checkpoint is s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
 import sys
 
 from vit.engine.config import parse_args
-from vit.errors import CliParser, UsageError
+from vit.errors import CliParser, OutputError, UsageError
 
 __all__ = ["main"]
 
@@ -29,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from vit.engine.checkpoint import CheckpointSaveError
     from vit.engine.distributed import leave_process_group
     from vit.engine.trainer import Diverged, Interrupted, train
 
@@ -39,9 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         leave_process_group(agreed=False)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (Diverged, CheckpointSaveError) as e:
+    except (Diverged, OutputError) as e:  # OutputError: a checkpoint or record not written
         leave_process_group(agreed=True)
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a log write failed mid-run (a full disk): what was saved is kept
+        leave_process_group(agreed=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {reason}; continue with --resume auto", file=sys.stderr)
         return 1
     except Interrupted as e:
         leave_process_group(agreed=True)

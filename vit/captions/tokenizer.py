@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from vit.fileio import atomic_write
+
 __all__ = ["Tokenizer"]
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
@@ -78,7 +80,8 @@ class Tokenizer:
         return " ".join(words)
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps({"itos": self.itos}, indent=0) + "\n")
+        with atomic_write(path) as f:  # never through a link, never half a file
+            f.write(json.dumps({"itos": self.itos}, indent=0) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

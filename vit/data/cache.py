@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from vit.errors import DataError
+from vit.fileio import atomic_write
 from vit.preprocess import Preprocess
 
 __all__ = ["decode_files", "decoded_cache", "default_cache_dir", "local_rank"]
@@ -166,8 +168,10 @@ def _write(
     path: Path, shape: tuple[int, ...], fill: Callable[[np.ndarray], dict[str, Any]], what: str
 ) -> None:
     """Decode into a temporary file, then rename it and its metadata into place."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    tmp_meta = tmp.with_suffix(".json")
+    # An exclusive temporary file (never a planted link), mapped and filled, then renamed.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.npy")
+    os.close(fd)
+    tmp = Path(name)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         # Reserve the blocks now: a full disk is then an OSError here, not a SIGBUS when a page
@@ -183,12 +187,11 @@ def _write(
         del out
         record = {"format": CACHE_FORMAT, "shape": list(shape), "dtype": "uint8", "meta": meta}
         record["decoded"] = {"what": what, "seconds": round(time.monotonic() - t0, 1)}
-        tmp_meta.write_text(json.dumps(record))
         os.replace(tmp, path)
-        os.replace(tmp_meta, path.with_suffix(".json"))  # last: marks the cache complete
+        with atomic_write(path.with_suffix(".json")) as f:  # last: marks the cache complete
+            f.write(json.dumps(record))
     finally:
         tmp.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
     path.with_suffix(".npz").unlink(missing_ok=True)  # the in-memory cache of earlier versions
 
 

@@ -12,7 +12,6 @@ used, and a ``model_spec`` is built only when the weights stored beside it can f
 from __future__ import annotations
 
 import errno
-import os
 import random
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -21,10 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vit.errors import CheckpointError
+from vit.errors import CheckpointError, OutputError
+from vit.fileio import atomic_write
 from vit.models._builder import build, upgrade_spec
 from vit.models._helpers import (
     CHECKPOINT_FORMAT,
+    check_state_dict,
     read_state_dict,
     strip_wrapper_prefixes,
     torch_load,
@@ -56,27 +57,28 @@ _REQUIRED = {
 }
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(OutputError):
     """A checkpoint could not be written (e.g. a full disk); the previous file is intact."""
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
-    """Write atomically: a temporary file, then a rename, so a crash never leaves half a file.
+    """Write atomically (:func:`vit.fileio.atomic_write`: a temporary file created exclusively,
+    then a rename), so a crash never leaves half a file and a planted link is never followed.
 
     Raises:
         CheckpointSaveError: the write failed (disk full, no permission); the temporary file is
             removed and any earlier file at ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if _is_enospc(e) else (str(e).splitlines() or ["?"])[0]
+        with atomic_write(path, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch.save reports a failed write as RuntimeError
+                raise OSError(errno.ENOSPC if _is_enospc(e) else errno.EIO, str(e)) from None
+    except OutputError as e:
         kept = f"; {path} from the previous save is intact" if path.exists() else ""
-        raise CheckpointSaveError(f"cannot save {path}: {reason}{kept}") from None
+        raise CheckpointSaveError(f"cannot save {path}: {e.reason}{kept}") from None
 
 
 def _is_enospc(e: BaseException) -> bool:
@@ -170,14 +172,15 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, spec: A
     Raises:
         CheckpointError: the weights belong to another architecture.
     """
+    state = strip_wrapper_prefixes(state)
     try:
-        model.load_state_dict(strip_wrapper_prefixes(state))
-    except RuntimeError as e:
-        detail = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        check_state_dict(model, state, path)
+    except CheckpointError as e:
         raise CheckpointError(
-            f"checkpoint {path} holds another architecture ({spec}) than this run's model "
-            f"({detail.strip()}); use the same --model and model_args, or another --out-dir"
+            f"{e} (checkpoint model_spec: {spec}; a resumed run needs the same --model and "
+            f"model_args)"
         ) from None
+    model.load_state_dict(state)
 
 
 def checkpoint_preprocess(ckpt: dict[str, Any]) -> Preprocess:

@@ -17,6 +17,7 @@ from vit.engine.config import RunConfig
 from vit.engine.distributed import world_size
 from vit.engine.tasks import Task
 from vit.errors import ConfigError, DataError
+from vit.fileio import atomic_write
 from vit.models import build
 from vit.preprocess import Preprocess
 
@@ -68,12 +69,19 @@ class ClassificationTask(Task):
                 f"--drop-path; classes come from the data), not model_args"
             )
         world = world_size()
-        if (cfg.mixup > 0 or cfg.cutmix > 0) and (cfg.batch_size // world) % 2:
-            # timm's Mixup pairs each batch with its reverse: every rank's share must be even.
-            per_rank = f" ({cfg.batch_size // world} per process on {world})" if world > 1 else ""
+        micro = cfg.batch_size // world // cfg.grad_accum_steps
+        if (cfg.mixup > 0 or cfg.cutmix > 0) and micro % 2:
+            # timm's Mixup pairs each micro-batch with its reverse: every rank's micro-batch (the
+            # batch per process over --grad-accum-steps) must be even.
+            shares = [f"{cfg.batch_size // world} per process on {world}"] if world > 1 else []
+            if cfg.grad_accum_steps > 1:
+                shares.append(
+                    f"micro-batches of {micro} with grad_accum_steps {cfg.grad_accum_steps}"
+                )
+            detail = f" ({', '.join(shares)})" if shares else ""
             raise ConfigError(
-                f"mixup/cutmix need an even batch per process, got batch_size "
-                f"{cfg.batch_size}{per_rank}; use a multiple of {2 * world}"
+                f"mixup/cutmix need an even micro-batch per process, got batch_size "
+                f"{cfg.batch_size}{detail}; use a multiple of {2 * world * cfg.grad_accum_steps}"
             )
         if cfg.model.startswith("timm:") and cfg.rollout_every > 0:
             raise ConfigError(
@@ -336,7 +344,8 @@ class ClassificationTask(Task):
                 "classes": self.state["classes"],
             }
             out = Path(self.cfg.out_dir)
-            (out / "rollout_images.json").write_text(json.dumps(record, indent=1) + "\n")
+            with atomic_write(out / "rollout_images.json") as f:
+                f.write(json.dumps(record, indent=1) + "\n")
             self._rollout = (images, record["labels"])
         return self._rollout
 

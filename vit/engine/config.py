@@ -83,7 +83,9 @@ class RunConfig:
         "fine-tuning: scale block i's lr by layer_decay^(depth+1-i) (BEiT); 1 = off, e.g. 0.75",
     )
     grad_accum_steps: int = _opt(
-        1, "split each step's batch into this many micro-batches (same step, less memory)"
+        1,
+        "split each step's batch into this many micro-batches (less memory; the same step "
+        "unless the model has BatchNorm, which normalises each micro-batch on its own)",
     )
     init_from: str = _opt(
         "",
@@ -236,6 +238,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping like '{{depth: 6}}', got {value!r}")
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{key} keys must be names, got {bad[0]!r} ({type(bad[0]).__name__})")
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -255,6 +260,8 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     fields = _fields()
     checked = {}
     for key, value in values.items():
+        if not isinstance(key, str):  # YAML reads `1: 2` or `null: 3` as non-string keys
+            raise ConfigError(f"config keys must be names, got {key!r} ({type(key).__name__})")
         if key not in fields:
             raise _unknown_key(key, list(fields))
         checked[key] = _check_type(key, value, fields[key])
@@ -324,6 +331,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(
+            f"config file {path}: keys must be names, got {bad[0]!r} ({type(bad[0]).__name__})"
+        )
     return values
 
 

@@ -29,6 +29,7 @@ from filelock import FileLock, Timeout
 
 from vit.engine.config import RunConfig
 from vit.errors import ConfigError
+from vit.fileio import atomic_write
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -70,7 +71,14 @@ RESUMABLE_KEYS = {
 _IGNORED = {"resume", "out_dir", "overwrite", "init_from"}
 # What a run writes into its directory (--overwrite removes exactly these).
 _RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "rollout_images.json", "vocab.json")
-_RUN_GLOBS = ("config*.yaml", "events.out.tfevents.*", ".*.pt.tmp")
+_RUN_GLOBS = (
+    "config*.yaml",
+    "events.out.tfevents.*",
+    ".*.pt.tmp",
+    ".*.pt.*.tmp",  # vit.fileio.atomic_write's temporary files
+    ".metrics.jsonl.*.tmp",
+    ".config.yaml.*.tmp",
+)
 
 
 class RunLock:
@@ -98,9 +106,8 @@ class RunLock:
                 f"choose another --out-dir"
             ) from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        tmp = self.owner.with_name(f".lock.owner.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(me))
-        os.replace(tmp, self.owner)
+        with atomic_write(self.owner) as f:  # never through a link planted at a temporary name
+            f.write(json.dumps(me))
         return self
 
     def _holder(self) -> str:
@@ -240,6 +247,13 @@ def check_resume(ckpt: dict[str, Any], cfg: RunConfig, world_size: int, path: Pa
             f"{path} holds no training state ({', '.join(missing) or 'progress'} missing or "
             f"malformed): it cannot be resumed; start a new run from its weights with --init-from"
         )
+    saved_source = str(ckpt["config"].get("init_from") or "")
+    if cfg.init_from and cfg.init_from != saved_source:
+        started = f"started from {saved_source}" if saved_source else "started from scratch"
+        raise ConfigError(
+            f"--init-from {cfg.init_from} with a resumed run: the run in {cfg.out_dir} continues "
+            f"from its own checkpoint ({started}); drop --init-from, or start another --out-dir"
+        )
     notes = resume_changes(ckpt["config"], cfg)
     saved_world = ckpt.get("world_size", len(ckpt["rng"].get("ranks", [None])))
     random_draws = cfg.augment_policy().enabled or cfg.mixup > 0 or cfg.cutmix > 0
@@ -283,8 +297,8 @@ def resume_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
 
 def write_config(out: Path, cfg: RunConfig) -> None:
-    """``config.yaml`` := the config the run uses; a different earlier one is kept as
-    ``config.N.yaml`` (N = 0, 1, ...)."""
+    """``config.yaml`` := the config the run uses (written atomically); a different earlier one
+    is kept as ``config.N.yaml`` (N = 0, 1, ...)."""
     import yaml
 
     text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
@@ -294,9 +308,8 @@ def write_config(out: Path, cfg: RunConfig) -> None:
         while (out / f"config.{n}.yaml").exists():
             n += 1
         shutil.move(path, out / f"config.{n}.yaml")
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def read_metrics(path: Path, up_to_step: int) -> list[str]:

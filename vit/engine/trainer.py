@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from vit.engine.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -57,6 +58,7 @@ from vit.engine.schedule import Progress, extend, fit_to_time, scheduled_lr
 from vit.engine.tasks import get_task
 from vit.engine.tb_summary import config_text, hparam_metrics, hparams, scalar_tag
 from vit.errors import CheckpointError, ConfigError
+from vit.fileio import atomic_write
 
 __all__ = ["Diverged", "Interrupted", "Trainer", "train"]
 
@@ -96,6 +98,8 @@ class Trainer:
         self.resume_notes = (
             check_resume(ckpt, cfg, self.world_size, resume) if ckpt is not None else []
         )
+        if ckpt is not None:  # config.yaml and exports name the source the weights came from
+            cfg.init_from = str(ckpt["config"].get("init_from") or "")
         self.task = task_cls(cfg, ckpt["task_state"] if ckpt else None)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -109,6 +113,18 @@ class Trainer:
                 f"lower --batch-size"
             )
         self.model = self.task.build_model()
+        if cfg.grad_accum_steps > 1 and self.is_main:
+            norms = sorted(
+                {type(m).__name__ for m in self.model.modules() if isinstance(m, _BatchNorm)}
+            )
+            if norms:
+                print(
+                    f"note: --grad-accum-steps {cfg.grad_accum_steps} with a model that has "
+                    f"BatchNorm layers ({', '.join(norms)}): each micro-batch is normalised "
+                    f"with its own statistics, so a step is close to, not the same as, one step "
+                    f"on the whole batch",
+                    file=sys.stderr,
+                )
         if cfg.init_from and ckpt is None:  # a resumed run continues from its own weights
             self._init_from(cfg.init_from)
         self.model.to(self.device)
@@ -205,7 +221,10 @@ class Trainer:
             source = pretrained_state_dict(str(path).removeprefix("timm:"))
         logger.disabled = True  # the notes are printed below, by rank 0 alone
         try:
-            report = load_pretrained(getattr(self.model, "encoder", self.model), source)
+            # A classifier's head is mapped by class name when the source records its names.
+            names = self.task.state.get("classes") if self.cfg.task == "classify" else None
+            model = getattr(self.model, "encoder", self.model)
+            report = load_pretrained(model, source, class_names=names)
         except (TypeError, ValueError) as e:  # CheckpointError is a ValueError
             raise CheckpointError(f"--init-from {path}: {e}") from None
         finally:
@@ -445,16 +464,40 @@ class Trainer:
         )
 
     # -- logging --------------------------------------------------------------------------------
+    def _check_logs(self) -> None:
+        """Before anything in the run directory changes: the records this run appends to or
+        replaces must be writable (a read-only metrics.jsonl would otherwise fail after
+        config.yaml took the new settings).
+
+        Raises:
+            ConfigError: naming the file.
+        """
+        for name in ("metrics.jsonl", "config.yaml"):
+            path = self.out / name
+            if path.exists() and not os.access(path, os.W_OK):
+                raise ConfigError(
+                    f"{path} is not writable; make it writable (chmod u+w) or choose another "
+                    f"--out-dir"
+                )
+
     def _open_logs(self) -> Any:
         from torch.utils.tensorboard import SummaryWriter
 
         metrics = self.out / "metrics.jsonl"
         if self.resumed_from is not None and metrics.exists():
-            # Drop what the interrupted run logged after its checkpoint: it is about to be redone.
+            # Drop what the interrupted run logged after its checkpoint (it is about to be
+            # redone): the kept lines replace the file in one rename, never a truncate-and-write
+            # that a fault could cut short.
+            text = metrics.read_text(errors="replace")
             keep = read_metrics(metrics, self.progress.step)
-            metrics.write_text("".join(line + "\n" for line in keep))
+            if len(keep) != sum(1 for line in text.splitlines() if line.strip()):
+                with atomic_write(metrics) as f:
+                    f.write("".join(line + "\n" for line in keep))
         self._metrics_file = metrics.open("a")
-        purge = self.progress.step if self.resumed_from is not None else None
+        # TensorBoard hides events at steps >= purge_step: the checkpoint's own step was logged
+        # before it was saved (its validation, its last train point), so the redone steps start
+        # one later.
+        purge = self.progress.step + 1 if self.resumed_from is not None else None
         return SummaryWriter(str(self.out), purge_step=purge)
 
     def _log(
@@ -509,6 +552,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for note in self.resume_notes:
                 print(f"resume: {note}", file=sys.stderr)
+            self._check_logs()
             write_config(self.out, cfg)
             if self.resumed_from is not None and p.step >= p.total_steps:
                 print(

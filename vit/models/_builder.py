@@ -14,22 +14,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vit.models._helpers import read_state_dict, strip_wrapper_prefixes
+from vit.models._helpers import read_class_names, read_state_dict, strip_wrapper_prefixes
 from vit.models._registry import create_model
 from vit.models.vision_transformer import VisionTransformer
+from vit.preprocess import MAX_IMG_SIZE
 
 __all__ = [
     "MAX_PARAMS",
     "LoadReport",
     "adapt_state_dict",
     "build",
+    "check_spec_sizes",
     "convert_timm_state_dict",
     "load_pretrained",
     "upgrade_spec",
@@ -39,6 +41,13 @@ logger = logging.getLogger(__name__)
 
 # The largest model built from a config or a checkpoint (ViT-g has ~1B parameters).
 MAX_PARAMS = 2_000_000_000
+# Deepest stack of blocks or layers (ViT-g has 48; building even on the meta device costs time).
+MAX_DEPTH = 1000
+# Longest caption sequence (positions) of a captioner.
+MAX_SEQ_LEN = 4096
+# Buffer values (fixed encodings) a model may hold beyond its parameter count: 64 MB of float32.
+MAX_EXTRA_BUFFER = 2**24
+_SIZE_BOUNDS = {"img_size": MAX_IMG_SIZE, "max_len": MAX_SEQ_LEN}
 
 # timm module names → ours; everything else in a ViT state dict is named alike.
 _TIMM_TO_OURS = ((".attn.qkv.", ".attn.to_qkv."), (".attn.proj.", ".attn.to_out."))
@@ -67,14 +76,52 @@ def build(spec: dict[str, Any], *, max_params: int = MAX_PARAMS) -> nn.Module:
     Raises:
         ValueError: too many parameters, an unknown name; TypeError: an unknown keyword.
     """
+    check_spec_sizes(spec)
     with torch.device("meta"):
-        needed = sum(p.numel() for p in _instantiate(spec).parameters())
+        model = _instantiate(spec)
+        needed = sum(p.numel() for p in model.parameters())
+        buffers = sum(b.numel() for b in model.buffers())
     if needed > max_params:
         raise ValueError(
             f"{spec['name']!r} with {spec['kwargs']} has {needed:,} parameters, more than "
             f"{max_params:,}"
         )
+    # Fixed encodings are buffers outside the stored weights (sincos2d with a huge img_size
+    # asks for gigabytes): a model's buffers may not outgrow its parameters by much.
+    if buffers > max(needed, MAX_EXTRA_BUFFER):
+        raise ValueError(
+            f"{spec['name']!r} with {spec['kwargs']} needs {buffers:,} buffer values for "
+            f"{needed:,} parameters (more than {max(needed, MAX_EXTRA_BUFFER):,}); check its "
+            f"img_size"
+        )
+    del model
     return _instantiate(spec)
+
+
+def check_spec_sizes(spec: dict[str, Any]) -> None:
+    """Refuse, before anything is built, sizes that cost time or memory even on the meta device:
+    a depth (``depth``, ``decoder_depth``, ``conv_layers``, ...) above :data:`MAX_DEPTH`, an
+    ``img_size`` above :data:`~vit.preprocess.MAX_IMG_SIZE`, a ``max_len`` above
+    :data:`MAX_SEQ_LEN`, or ``kwargs`` nested deeper than 4 levels.
+
+    Raises:
+        ValueError: naming the entry and its bound.
+    """
+    stack: list[tuple[str, Any, int]] = [("kwargs", spec.get("kwargs"), 0)]
+    while stack:
+        where, value, level = stack.pop()
+        if level > 4:
+            raise ValueError(f"{spec.get('name')!r}: model arguments nested too deeply ({where})")
+        if isinstance(value, dict):
+            stack += [(f"{where}.{k}", v, level + 1) for k, v in value.items()]
+            continue
+        if isinstance(value, list | tuple):
+            stack += [(f"{where}[{i}]", v, level + 1) for i, v in enumerate(value)]
+            continue
+        key = where.rsplit(".", 1)[-1].split("[")[0]
+        bound = _SIZE_BOUNDS.get(key) or (MAX_DEPTH if key.endswith(("depth", "layers")) else 0)
+        if bound and isinstance(value, int | float) and value > bound:
+            raise ValueError(f"{spec.get('name')!r}: {where} is {value:,}, more than {bound:,}")
 
 
 def upgrade_spec(spec: dict[str, Any], task: str) -> dict[str, Any]:
@@ -107,6 +154,9 @@ class LoadReport:
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Head rows mapped by class name: "kept" (same row), "moved" (another row), "initialised"
+    # (classes new to the head), "dropped" (the checkpoint's classes the model lacks).
+    head_rows: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_pretrained(
@@ -114,6 +164,8 @@ def load_pretrained(
     state_dict_or_path: Mapping[str, Tensor] | str | os.PathLike[str],
     *,
     strict: bool = True,
+    class_names: Sequence[str] | None = None,
+    source_class_names: Sequence[str] | None = None,
 ) -> LoadReport:
     """Load a timm or ``vit`` ViT state dict (or a ``.pt``/``.pth``/``.safetensors`` file) into
     ``model``, adapting it at the boundary:
@@ -123,8 +175,14 @@ def load_pretrained(
       grid, e.g. 14x14 (224 px / 16) → 8x8 (32 px / 4), and a class-token slot is dropped for
       models without a class token;
     - a patch kernel of another size is resampled (FlexiViT, Beyer et al. 2023);
-    - a classifier head of another shape (or for a model without a head) is dropped, with a
-      note: the model keeps its freshly initialised head.
+    - with ``class_names`` (the model's head rows) and the checkpoint's class names
+      (``source_class_names``, or read from a ``vit`` checkpoint or export folder), the head is
+      mapped by name: rows of shared classes are copied to their new rows, new classes keep their
+      initialised rows, and :attr:`LoadReport.head_rows` says which rows were kept, moved,
+      initialised or dropped (a head of other classes in the same count is never kept by
+      position);
+    - otherwise (names unknown, e.g. timm's weights) a head of another shape (or for a model
+      without a head) is dropped, with a note: the model keeps its freshly initialised head.
 
     Anything else that does not fit raises ``ValueError`` naming the keys when ``strict``; with
     ``strict=False`` it is skipped and listed in the returned :class:`LoadReport`.
@@ -132,9 +190,16 @@ def load_pretrained(
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"load_pretrained expects a vit VisionTransformer, got {type(model)}")
     state, notes = adapt_state_dict(model, _read_state_dict(state_dict_or_path))
+    if source_class_names is None and isinstance(state_dict_or_path, str | os.PathLike):
+        source_class_names = read_class_names(state_dict_or_path)
     report = LoadReport(notes=notes)
     target = model.state_dict()
-    _adapt_head(target, state, report)
+    if (
+        class_names is None
+        or source_class_names is None
+        or not _map_head_by_name(target, state, report, list(class_names), source_class_names)
+    ):
+        _adapt_head(target, state, report)
 
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
@@ -283,6 +348,47 @@ def _adapt_head(target: dict[str, Tensor], state: dict[str, Tensor], report: Loa
         f"dropped the checkpoint's head {shape} (model: {wanted}); the model's head stays "
         f"initialised, to be fine-tuned"
     )
+
+
+def _map_head_by_name(
+    target: dict[str, Tensor],
+    state: dict[str, Tensor],
+    report: LoadReport,
+    names: list[str],
+    source_names: Sequence[str],
+) -> bool:
+    """Build the model's head from the checkpoint's rows by class name (see
+    :func:`load_pretrained`); ``False`` when the heads cannot be matched so (no head, a row count
+    unlike the names, another width), for :func:`_adapt_head` to decide."""
+    if "head.weight" not in state or "head.weight" not in target:
+        return False
+    w, tw = state["head.weight"], target["head.weight"]  # (classes, D)
+    bias, tbias = state.get("head.bias"), target.get("head.bias")
+    if w.shape[0] != len(source_names) or tw.shape[0] != len(names) or w.shape[1:] != tw.shape[1:]:
+        return False
+    if (bias is None) != (tbias is None) or list(source_names) == names:
+        return list(source_names) == names  # the same classes in the same order: as it is
+    row_of = {n: i for i, n in enumerate(source_names)}
+    new_w = tw.detach().clone()
+    new_b = tbias.detach().clone() if tbias is not None else None
+    rows: dict[str, list[str]] = {"kept": [], "moved": [], "initialised": [], "dropped": []}
+    for j, name in enumerate(names):
+        i = row_of.get(name)
+        if i is None:
+            rows["initialised"].append(name)
+            continue
+        new_w[j] = w[i]
+        if new_b is not None and bias is not None:
+            new_b[j] = bias[i]
+        rows["kept" if i == j else "moved"].append(name if i == j else f"{name} ({i} -> {j})")
+    rows["dropped"] = [n for n in source_names if n not in set(names)]
+    state["head.weight"] = new_w
+    if new_b is not None:
+        state["head.bias"] = new_b
+    report.head_rows = rows
+    said = [f"{k} {_clip(v, 10)}" for k, v in rows.items() if v]
+    report.notes.append("head rows mapped by class name: " + "; ".join(said))
+    return True
 
 
 def _mismatch_message(model: VisionTransformer, report: LoadReport, mismatched: list[str]) -> str:

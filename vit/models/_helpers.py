@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from vit.errors import CheckpointError
 
-__all__ = ["CHECKPOINT_FORMAT", "read_state_dict", "strip_wrapper_prefixes", "torch_load"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "check_state_dict",
+    "read_class_names",
+    "read_state_dict",
+    "strip_wrapper_prefixes",
+    "torch_load",
+]
 
 CHECKPOINT_FORMAT = "vit.train/1"  # the "format" entry of a training checkpoint (vit.engine)
 # torch.compile wraps a model as `_orig_mod`, DDP as `module`, in either order and nesting.
@@ -109,6 +116,83 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if bad:
         raise CheckpointError(f"{path}: entries {bad[:5]} of its state dict are not tensors")
     return strip_wrapper_prefixes(source)
+
+
+def check_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], source: str | os.PathLike[str]
+) -> None:
+    """Refuse weights that do not fit ``model`` exactly, naming the tensors: keys missing or not
+    in the model, shapes that differ, integer or boolean tensors where the model holds floats
+    (``load_state_dict`` would cast them silently), and NaN or infinite values.
+
+    Raises:
+        CheckpointError: one line naming ``source``, the first few offending tensors and the fix.
+    """
+    target = model.state_dict()
+    problems = []
+    missing = [k for k in target if k not in state]
+    extra = [k for k in state if k not in target]
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if extra:
+        problems.append(f"not in the model {_names(extra)}")
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (model {tuple(t.shape)})"
+        for k, t in target.items()
+        if k in state and state[k].shape != t.shape
+    ]
+    if shapes:
+        problems.append(f"other shapes: {_names(shapes, quote=False)}")
+    kinds = [
+        f"{k} ({str(state[k].dtype).removeprefix('torch.')})"
+        for k, t in target.items()
+        if k in state and state[k].is_floating_point() != t.is_floating_point()
+    ]
+    if kinds:
+        problems.append(f"not of the model's number type: {_names(kinds, quote=False)}")
+    if problems:
+        raise CheckpointError(
+            f"the weights in {source} do not fit the model: {'; '.join(problems)}; they belong "
+            f"to another model or were edited (export or save the checkpoint again)"
+        )
+    bad = [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"the weights in {source} hold NaN or infinite values in {_names(bad)}; the file is "
+            f"corrupt or the run diverged: use an earlier checkpoint"
+        )
+
+
+def _names(keys: list[str], quote: bool = True, n: int = 5) -> str:
+    shown = ", ".join(repr(k) if quote else k for k in keys[:n])
+    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def read_class_names(path: str | os.PathLike[str]) -> list[str] | None:
+    """The class names a weight file's head answers, row by row, when the file records them: an
+    export folder's ``config.json`` ``class_names``, a ``vit`` training checkpoint's
+    ``task_state["classes"]``; ``None`` for anything else (timm's weights, a plain state dict)."""
+    import json
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            names = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            names = names.get("class_names") if isinstance(names, dict) else None
+        elif path.suffix != ".safetensors" and zipfile.is_zipfile(path):
+            ckpt = torch_load(path, "checkpoint")
+            names = None
+            if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+                state = ckpt.get("task_state")
+                names = state.get("classes") if isinstance(state, dict) else None
+        else:
+            return None
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = isinstance(names, list | tuple) and all(isinstance(n, str) for n in names)
+    return list(names) if ok and len(set(names)) == len(names) else None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

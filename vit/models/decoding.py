@@ -18,11 +18,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from vit.errors import ConfigError
 from vit.models._builder import load_pretrained
 from vit.models._registry import check_options, create_model, register_config_variant
 from vit.models.vision_transformer import VisionTransformer, ViTConfig
 
 __all__ = [
+    "DEFAULT_LENGTH_PENALTY",
     "Captioner",
     "TokenConfig",
     "beam_search",
@@ -33,6 +35,8 @@ __all__ = [
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 ReorderFn = Callable[[Any, Tensor], Any]
+# Beam search ranks by summed log-probability / length ** this (1: the mean per token).
+DEFAULT_LENGTH_PENALTY = 1.0
 MaxLen = int | None  # generate's max_len; None: as many tokens as the model's max_len allows
 
 
@@ -79,20 +83,28 @@ def check_caption_config(
         raise ValueError(f"invalid {type(cfg).__name__}: " + "; ".join(found))
 
 
-def check_generation_args(max_len: int | None, beam_size: int, config: TokenConfig) -> int:
-    """Validate ``generate``'s arguments; returns ``max_len`` (default ``config.max_len - 1``)."""
+def check_generation_args(
+    max_len: int | None, beam_size: int, config: TokenConfig, length_penalty: float = 0.0
+) -> int:
+    """Validate ``generate``'s arguments; returns ``max_len`` (default ``config.max_len - 1``).
+
+    Raises:
+        ConfigError: (a ``ValueError``) an argument out of range, naming the range.
+    """
     limit = config.max_len - 1
     max_len = limit if max_len is None else max_len
     if not isinstance(max_len, int) or not 1 <= max_len <= limit:
-        raise ValueError(
+        raise ConfigError(
             f"max_len must be an integer in [1, {limit}] (the model's max_len minus <bos>), "
             f"got {max_len!r}"
         )
     if not isinstance(beam_size, int) or not 1 <= beam_size <= config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"beam_size must be an integer in [1, vocab_size={config.vocab_size}], "
             f"got {beam_size!r}"
         )
+    if not (isinstance(length_penalty, int | float) and 0 <= length_penalty <= 10):
+        raise ConfigError(f"length_penalty must be a number in [0, 10], got {length_penalty!r}")
     return max_len
 
 
@@ -129,9 +141,16 @@ def beam_search(
     beam_size: int,
     max_len: int,
     device: torch.device,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
 ) -> Tensor:
-    """Beam search ranking hypotheses by their summed log-probability (no length penalty); the
-    best caption of each image, in :func:`greedy_search`'s format.
+    """Beam search; the best caption of each image, in :func:`greedy_search`'s format.
+
+    Hypotheses are ranked by their summed log-probability divided by ``length ** length_penalty``
+    (tokens generated, ``<eos>`` included): 0 ranks by the sum, which favours short captions (a
+    weak model's beam then ends at once, with an empty caption); 1 (the default, as Hugging Face
+    ``generate``'s) by the mean log-probability per token. Finished hypotheses keep their length;
+    live ones are compared at the same length, so the penalty only weighs finished against live
+    hypotheses (GNMT, Wu et al. 2016, applies it to finished ones likewise).
 
     ``state`` holds B·K rows, beam j of image i at row i·K + j (repeat the per-image state with
     ``repeat_interleave(K, dim=0)``). ``reorder(state, src)`` returns the state whose row r is row
@@ -148,15 +167,20 @@ def beam_search(
     # with its unchanged score.
     pad_row = torch.full((config.vocab_size,), float("-inf"), device=dev)
     pad_row[config.pad_id] = 0.0
+    lengths = torch.zeros(b * k, device=dev)  # tokens generated per hypothesis, <eos> included
     for _ in range(max_len):
         logp, state = step(seq, state)  # (B·K, V)
         logp = torch.where(done[:, None], pad_row, logp)
-        cand = rearrange(scores, "b k -> (b k) 1") + logp
-        scores, idx = rearrange(cand, "(b k) v -> b (k v)", k=k).topk(k, dim=1)  # (B, K)
+        cand = rearrange(scores, "b k -> (b k) 1") + logp  # summed log-probabilities
+        cand_len = (lengths + (~done).float())[:, None]  # (B·K, 1)
+        ranked = cand / cand_len.pow(length_penalty) if length_penalty else cand
+        _, idx = rearrange(ranked, "(b k) v -> b (k v)", k=k).topk(k, dim=1)  # (B, K)
+        scores = rearrange(cand, "(b k) v -> b (k v)", k=k).gather(1, idx)
         beam, tok = idx // config.vocab_size, idx % config.vocab_size
         src = (torch.arange(b, device=dev)[:, None] * k + beam).flatten()  # (B·K,)
         tok = tok.flatten()
         seq = torch.cat([seq[src], tok[:, None]], dim=1)
+        lengths = lengths[src] + (~done[src]).float()
         done = done[src] | (tok == config.eos_id)
         state = reorder(state, src)
         if bool(done.all()):
@@ -215,29 +239,46 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, images: Tensor, max_len: MaxLen = None, beam_size: int = 1, *, use_cache: bool = True
+        self,
+        images: Tensor,
+        max_len: MaxLen = None,
+        beam_size: int = 1,
+        *,
+        use_cache: bool = True,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
     ) -> Tensor:
         """Caption images: token ids (B, L) after ``<bos>``, ``<eos>`` included, ``<pad>`` after it.
 
         ``max_len``: the most tokens to generate (default: as many as the model's ``max_len``
         allows, ``config.max_len - 1``). ``beam_size`` 1 is greedy decoding; larger runs beam search
-        ranking hypotheses by their summed log-probability (no length penalty). With ``use_cache``
+        ranking hypotheses by their summed log-probability over ``length ** length_penalty``
+        (default 1: the mean log-probability per token; 0: the sum, see :func:`beam_search`).
+        With ``use_cache``
         each step feeds only the newest token and carries the decoding state (a Transformer's
         key/value caches, an LSTM's (h, c)) to the next; without it every step re-runs the decoder
         over the whole prefix (the reference for tests and the speed benchmark).
         """
+        max_len = check_generation_args(max_len, beam_size, self.config, length_penalty)
         memory = self.forward_memory(images)
-        return self.generate_from_memory(memory, max_len, beam_size, use_cache=use_cache)
+        return self.generate_from_memory(
+            memory, max_len, beam_size, use_cache=use_cache, length_penalty=length_penalty
+        )
 
     @torch.no_grad()
     def generate_from_memory(
-        self, memory: Tensor, max_len: MaxLen = None, beam_size: int = 1, *, use_cache: bool = True
+        self,
+        memory: Tensor,
+        max_len: MaxLen = None,
+        beam_size: int = 1,
+        *,
+        use_cache: bool = True,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
     ) -> Tensor:
         """:meth:`generate` for encoder memory (B, S, D_enc) computed by :meth:`forward_memory`."""
-        max_len = check_generation_args(max_len, beam_size, self.config)
+        max_len = check_generation_args(max_len, beam_size, self.config, length_penalty)
         if beam_size == 1:
             return self._greedy(memory, max_len, use_cache)
-        return self._beam_search(memory, max_len, beam_size, use_cache)
+        return self._beam_search(memory, max_len, beam_size, use_cache, length_penalty)
 
     def _stepper(self, memory: Tensor, use_cache: bool) -> tuple[StepFn, Any]:
         raise NotImplementedError
@@ -251,7 +292,14 @@ class Captioner(nn.Module):
         b, dev = memory.shape[0], memory.device
         return greedy_search(step, state, self.config, batch_size=b, max_len=max_len, device=dev)
 
-    def _beam_search(self, memory: Tensor, max_len: int, k: int, use_cache: bool) -> Tensor:
+    def _beam_search(
+        self,
+        memory: Tensor,
+        max_len: int,
+        k: int,
+        use_cache: bool,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
+    ) -> Tensor:
         b = memory.shape[0]
         memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, D): beam j of image i at i·K + j
         step, state = self._stepper(memory, use_cache)
@@ -264,6 +312,7 @@ class Captioner(nn.Module):
             beam_size=k,
             max_len=max_len,
             device=memory.device,
+            length_penalty=length_penalty,
         )
 
 

@@ -29,16 +29,18 @@ needs no ``huggingface_hub`` import unless a repository is downloaded.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from vit.errors import CheckpointError, UsageError
-from vit.models._builder import build, upgrade_spec
+from vit.fileio import atomic_write
+from vit.models._builder import build, check_spec_sizes, upgrade_spec
+from vit.models._helpers import check_state_dict
 from vit.models._registry import TIMM_PREFIX
 from vit.preprocess import Preprocess
 
@@ -46,6 +48,7 @@ __all__ = [
     "CONFIG_NAME",
     "EXPORT_FORMAT",
     "WEIGHTS_NAME",
+    "export_config_problems",
     "from_pretrained",
     "read_export",
     "read_export_config",
@@ -89,15 +92,20 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], *, config
     model = unwrap_model(model)  # torch.compile and DDP wrappers would prefix every key
     record = {"format": EXPORT_FORMAT, **config}
     record.setdefault("vit_version", __version__)
-    tmp = out / f".{WEIGHTS_NAME}.tmp"
-    save_model(model, str(tmp), metadata={"format": "pt"})  # "pt": what the Hub's loaders expect
-    # safetensors creates its file 0600; the folder's other files follow the umask, and so must
-    # this one, or an export shared with others cannot be read.
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, out / WEIGHTS_NAME)
-    tmp = out / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_NAME)
+    # Each file goes to a temporary name created exclusively (a planted link is never
+    # followed), then is renamed over the old one.
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_model(model, tmp, metadata={"format": "pt"})  # "pt": what the Hub's loaders expect
+        # safetensors creates its file 0600; the folder's other files follow the umask, and so
+        # must this one, or an export shared with others cannot be read.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out / WEIGHTS_NAME)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(out / CONFIG_NAME) as f:
+        f.write(json.dumps(record, indent=2, allow_nan=False) + "\n")
     return out
 
 
@@ -146,11 +154,15 @@ def read_export_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
             f"{folder} is not a vit export folder: it holds no {CONFIG_NAME}; {_FIX}"
         )
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise CheckpointError(
             f"{path} is not valid JSON ({e.msg}, line {e.lineno}); export the checkpoint again"
         ) from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a vit export config") from None
+    except ValueError as e:  # NaN / Infinity, which JSON does not have
+        raise CheckpointError(f"{path} is malformed: {e}; export the checkpoint again") from None
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise CheckpointError(f"cannot read {path}: {reason}") from None
@@ -158,22 +170,63 @@ def read_export_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a vit export config (no format {EXPORT_FORMAT!r}); {_FIX}"
         )
+    problems = export_config_problems(config)
+    if problems:
+        raise CheckpointError(f"{path} is malformed: {'; '.join(problems)}; export it again")
+    return config
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, not a number")
+
+
+def export_config_problems(config: dict[str, Any]) -> list[str]:
+    """Everything wrong with the entries of an export's ``config.json`` (the module docstring's
+    schema), one phrase each; ``[]`` when it is sound. Entries this version does not know (e.g.
+    the Hub's or timm's) are left alone."""
     problems = [
         f"{k!r} is missing" if k not in config else f"{k!r} is not a {tp.__name__}"
         for k, tp in _REQUIRED.items()
         if not isinstance(config.get(k), tp)
     ]
-    labels = "vocab" if config.get("task") == "caption" else "class_names"
+    task = config.get("task")
+    if "task" in config and task not in ("classify", "caption"):
+        problems.append(f"'task' is {task!r}, not 'classify' or 'caption'")
+    labels = "vocab" if task == "caption" else "class_names"
     names = config.get(labels)
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         problems.append(f"{labels!r} is not a list of names")
+    elif len(set(names)) != len(names):
+        problems.append(f"{labels!r} repeats a name")
     elif labels == "class_names":
         counts = {config.get("num_classes"), (config.get("model_args") or {}).get("num_classes")}
         if not counts <= {len(names), None}:
             problems.append(f"num_classes does not match the {len(names)} class_names")
-    if problems:
-        raise CheckpointError(f"{path} is malformed: {'; '.join(problems)}; export it again")
-    return config
+    if config.get("weights") not in ("ema", "model"):
+        problems.append(f"'weights' is {config.get('weights')!r}, not 'ema' or 'model'")
+    preprocess = None
+    if isinstance(config.get("preprocess"), dict):
+        try:
+            preprocess = Preprocess.from_dict(config["preprocess"])
+        except UsageError as e:
+            problems.append(str(e))
+    size = config.get("img_size")
+    model_size = (config.get("model_args") or {}).get("img_size")
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        problems.append(f"'img_size' is {size!r}, not a positive integer")
+    elif preprocess is not None and size != preprocess.img_size:
+        problems.append(f"'img_size' {size} differs from the preprocess img_size")
+    elif model_size is not None and size != model_size:
+        problems.append(f"'img_size' {size} differs from the model's img_size {model_size!r}")
+    metric = config.get("metric")
+    if metric is not None and not isinstance(metric, dict):
+        problems.append("'metric' is not a mapping")
+    if isinstance(config.get("model_args"), dict):
+        try:
+            check_spec_sizes({"name": config.get("architecture"), "kwargs": config["model_args"]})
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
 
 
 def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
@@ -182,10 +235,11 @@ def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
 
     Raises:
         CheckpointError: as :func:`read_export_config`; a folder without weights; weights that are
-            corrupt or do not fit the config's architecture.
+            corrupt, non-finite, not floating point, or do not fit the config's architecture (the
+            tensors are named).
     """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     folder = Path(path)
     config = read_export_config(folder)
@@ -195,35 +249,49 @@ def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]
             f"export folder {folder} holds no weights ({WEIGHTS_NAME} is missing); {_FIX}"
         )
     try:
-        with safe_open(weights, framework="pt") as f:  # reads the header only
-            stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
-        preprocess = Preprocess.from_dict(config["preprocess"])
-    except (SafetensorError, OSError) as e:
+        state = load_file(weights, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"cannot read {weights}: not a valid safetensors file ({e})"
         ) from None
-    except (UsageError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME} is malformed: {e}") from None
+    preprocess = Preprocess.from_dict(config["preprocess"])  # checked by read_export_config
+    stored = sum(v.numel() for v in state.values())
     spec = upgrade_spec({"name": spec_name(config), "kwargs": config["model_args"]}, config["task"])
     try:
         model = build(spec, max_params=stored)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{folder / CONFIG_NAME} is malformed: its model cannot be built with the "
-            f"{stored:,} weights stored beside it ({first})"
+            f"{folder / CONFIG_NAME} and {WEIGHTS_NAME} disagree: the config's model cannot be "
+            f"built with the {stored:,} weights stored beside it ({first}); export the "
+            f"checkpoint again"
         ) from None
-    try:
-        load_model(model, weights, strict=True, device="cpu")
-    except (RuntimeError, SafetensorError) as e:
-        detail = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e).splitlines()[0]
+    built = getattr(getattr(model, "config", None), "img_size", config["img_size"])
+    if config["task"] == "classify" and built != config["img_size"]:
         raise CheckpointError(
-            f"the weights in {weights} do not fit its config's {spec['name']!r} "
-            f"({detail.strip()}); export the checkpoint again"
-        ) from None
+            f"{folder / CONFIG_NAME} is malformed: 'img_size' {config['img_size']} differs from "
+            f"its model's {built}; export it again"
+        )
+    _fill_tied(model, state)
+    check_state_dict(model, state, weights)
+    model.load_state_dict(state)
     # torch types Module.__setattr__ values as Tensor | Module; any attribute can be set.
     model.pretrained_cfg = _pretrained_cfg(config, preprocess)  # type: ignore[assignment]
     return model.eval(), config
+
+
+def _fill_tied(model: nn.Module, state: dict[str, Any]) -> None:
+    """Tied weights (one tensor under several names, e.g. a captioner's output projection and
+    token embedding) are stored once by safetensors: give the stored tensor every name it has."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in model.state_dict().items():
+        if t.numel():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            groups.setdefault(key, []).append(name)
+    for names in groups.values():
+        stored = [n for n in names if n in state]
+        for name in names if len(names) > 1 and stored else []:
+            state.setdefault(name, state[stored[0]])
 
 
 def from_pretrained(

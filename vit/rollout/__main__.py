@@ -5,7 +5,6 @@ python -m vit.rollout --checkpoint runs/synthetic/best.pt docs/rollout_examples/
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -242,14 +241,11 @@ def _run_cli(args: Any) -> None:
 
 
 def _save(image: Any, out: Path) -> None:
-    """Write a PNG atomically: a temporary file in the same folder, then a rename (which
-    replaces a symlink at ``out`` rather than writing through it)."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a PNG atomically, never through a link at ``out``, never half a picture."""
+    from vit.fileio import atomic_write
+
+    with atomic_write(out, "wb") as f:
+        image.save(f, format="PNG")
 
 
 if __name__ == "__main__":

@@ -293,13 +293,21 @@ def rollout_maps(
 ) -> Tensor:
     """One call: the rollout maps (B, H, W) in [0, 1] of ``model`` for normalised ``images``.
 
-    Runs one forward pass without gradients (in the model's current mode) and upsamples the maps
-    to ``image_size`` (default: the input's size). The rows read follow the model's pooling (see
-    :func:`rollout_to_maps`; sequence pooling folds in its weights).
+    Runs one forward pass without gradients, in eval mode for the duration of the call (a model
+    left in train mode would drop patches and tokens, and apply dropout: the maps would not be of
+    the model's prediction), and upsamples the maps to ``image_size`` (default: the input's size).
+    The rows read follow the model's pooling (see :func:`rollout_to_maps`; sequence pooling folds
+    in its weights).
     """
     grid, layout = model_geometry(model)
-    with torch.no_grad(), capture_attention(model) as attentions:
-        unwrap_model(model)(images)
+    inner = unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), capture_attention(model) as attentions:
+            inner(images)
+    finally:
+        inner.train(was_training)
     joint = attention_rollout(
         attentions, head_fusion, discard_ratio, start_layer, class_token=layout["class_token"]
     )
