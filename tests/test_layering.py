@@ -22,7 +22,6 @@ LEVELS = {
     "vit.errors": 0,
     "vit.fileio": 0,
     "vit.preprocess": 0,
-    "vit.fileio": 0,
     "vit.layers": 1,
     "vit.models": 2,
     "vit.data": 3,

@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import IO, Any, Literal, TextIO
 
 import torch
 from torch import nn
@@ -181,7 +181,7 @@ def _classify(
         yield {"path": display_path(path), "classes": [classes[j] for j in idx], "probs": p}
 
 
-def _writer(stream: TextIO, fmt: str, k: int) -> Callable[[dict[str, Any]], object]:
+def _writer(stream: IO[str], fmt: str, k: int) -> Callable[[dict[str, Any]], object]:
     if fmt == ".jsonl":
         return lambda row: stream.write(json.dumps(row) + "\n")
     table = csv.writer(stream)
@@ -227,7 +227,9 @@ def _run(args: Any) -> None:
     out = Path(args.predictions) if args.predictions else None
     fmt = out.suffix.lower() if out else ".jsonl"
     if fmt not in _FORMATS:
-        raise ConfigError(f"--predictions must end in .csv or .jsonl, got {display_path(out)}")
+        raise ConfigError(
+            f"--predictions must end in .csv or .jsonl, got {display_path(args.predictions)}"
+        )
     if out is not None:  # before any work; an output never replaces an input
         ckpt = Path(args.checkpoint)
         inside = list(ckpt.iterdir()) if ckpt.is_dir() else []
