@@ -51,7 +51,10 @@ def test_validation_reports_top5_per_class_and_confusion(tmp_path: Path, capsys)
     assert record["top1"] <= record["top5"] <= 1 and result["top5"] == record["top5"]
     acc = EventAccumulator(str(out), size_guidance={"images": 0})
     acc.Reload()
-    assert "val/confusion" in acc.Tags()["images"] and "val/top1/disk" in acc.Tags()["scalars"]
+    assert (
+        "val/confusion" in acc.Tags()["images"]
+        and "val_per_class/top1/disk" in acc.Tags()["scalars"]
+    )
     # vit.evaluate prints the same numbers, confusion matrix included.
     assert evaluate_main(["--checkpoint", str(out / "last.pt")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

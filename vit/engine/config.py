@@ -371,7 +371,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "run directory": ("out_dir", "resume", "overwrite", "save_every"),
     "logging": (
         "log_every", "rollout_every", "rollout_images", "rollout_head_fusion",
-        "rollout_discard_ratio", "rollout_per_layer",
+        "rollout_discard_ratio", "rollout_per_layer", "rollout_gradient",
     ),
 }  # fmt: skip
 # --task and --data choices, spelled out so --help needs no import of the tasks (and torch);
