@@ -232,3 +232,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def timm_checkpoint_keys(
+    model: dict[str, Any], ema: dict[str, Any] | None, scaler: dict[str, Any], epoch: int
+) -> dict[str, Any]:
+    """The entries of a timm training checkpoint (timm/models/_helpers.py) that alias ours."""
+    keys = {"state_dict": model, "state_dict_ema": ema, "epoch": epoch}
+    if scaler:  # timm's NativeScaler wraps a torch.amp.GradScaler under this key
+        keys["amp_scaler"] = scaler
+    return keys

@@ -20,8 +20,17 @@ def world_size() -> int:
 def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     """``(rank, world_size, device)``. Under torchrun (``WORLD_SIZE`` > 1) this process joins the
     group from torchrun's environment: nccl with one GPU per process (``LOCAL_RANK``) on CUDA,
-    gloo on the CPU. ``batch_size`` stays the global batch and must divide among the ranks."""
+    gloo on the CPU. ``batch_size`` stays the global batch and must divide among the ranks. On
+    CUDA, TF32 matmuls are allowed and cuDNN's fused attention is off (see below)."""
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in fp32
+        torch.backends.cudnn.allow_tf32 = True
+        # cuDNN's fused attention backward returns NaN gradients on Hopper GPUs in known cases
+        # (pytorch/pytorch#196678); two bf16 CIFAR runs on an H100 stopped with a NaN loss
+        # (steps 566 and 1268, sound gradient norms before). Flash and memory-efficient attention
+        # take over at the same speed.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     world = world_size()
     if world == 1:
         return 0, 1, device

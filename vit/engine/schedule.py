@@ -94,3 +94,31 @@ def fit_to_time(
     p.total_steps = min(steps, max_steps)
     p.warmup_steps = min(p.warmup_steps, p.total_steps // 5)
     return steps
+
+
+def plan_line(
+    p: Progress,
+    before: int | None,
+    steps_per_epoch: int,
+    time_limit: float,
+    *,
+    step_time: float,
+    epoch_end: float,
+    epochs: int | None,
+    wanted: int,
+) -> str:
+    """The line that says how ``--time-limit`` sized the schedule: ``before`` (None for the first
+    plan) → ``p.total_steps``; ``epochs`` when ``--epochs`` caps what the limit would fit
+    (``wanted`` steps)."""
+    capped = ""
+    if epochs is not None:
+        capped = (
+            f"; --epochs {epochs} caps it (the limit would fit {wanted} steps): pass more "
+            f"--epochs, or --time-limit alone, to use the whole limit"
+        )
+    return (
+        f"plan: {'' if before is None else f'{before} → '}{p.total_steps} steps "
+        f"({p.total_steps / steps_per_epoch:.1f} epochs) to end within --time-limit "
+        f"{time_limit:g} min ({step_time * 1e3:.0f} ms/step, {epoch_end:.1f} s per epoch "
+        f"end){capped}"
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -39,6 +38,7 @@ from vit.engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    timm_checkpoint_keys,
 )
 from vit.engine.config import RunConfig, resolve_threads
 from vit.engine.distributed import init_distributed
@@ -50,15 +50,14 @@ from vit.engine.rundir import (
     check_resume,
     make_out_dir,
     new_folders,
-    read_metrics,
     remove_empty,
     write_config,
 )
-from vit.engine.schedule import Progress, extend, fit_to_time, scheduled_lr
+from vit.engine.runlog import RunLog
+from vit.engine.schedule import Progress, extend, fit_to_time, plan_line, scheduled_lr
 from vit.engine.tasks import get_task
-from vit.engine.tb_summary import config_text, hparam_metrics, hparams, scalar_tag
+from vit.engine.tb_summary import config_text, hparam_metrics, hparams
 from vit.errors import CheckpointError, ConfigError
-from vit.fileio import atomic_write
 
 __all__ = ["Diverged", "Interrupted", "Trainer", "train"]
 
@@ -131,14 +130,6 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg, distributed=self.world_size > 1)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in fp32
-            torch.backends.cudnn.allow_tf32 = True
-            # cuDNN's fused attention backward returns NaN gradients on Hopper GPUs in known
-            # cases (pytorch/pytorch#196678); two bf16 CIFAR runs on an H100 stopped with a NaN
-            # loss (steps 566 and 1268, sound gradient norms before). Flash and memory-efficient
-            # attention take over at the same speed.
-            torch.backends.cuda.enable_cudnn_sdp(False)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         # AMP is decided once here; the loop has no dtype branches.
         self.autocast = (
@@ -257,7 +248,7 @@ class Trainer:
             # timm.models.load_checkpoint(use_ema=True|False) and resume_checkpoint read;
             # "epoch" is the next epoch to run (resume_checkpoint's answer; no "version", which
             # would add 1).
-            **_timm_keys(model, ema, scaler, self.progress.epoch),
+            **timm_checkpoint_keys(model, ema, scaler, self.progress.epoch),
         }
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
@@ -447,76 +438,14 @@ class Trainer:
         cap = wanted > p.total_steps and not self._cap_said
         if not self.is_main or (p.total_steps == before and not cap):
             return  # one line whenever the plan changes, or --epochs first caps it
-        first, self._planned = not self._planned, True
-        capped = ""
-        if cap:
-            self._cap_said = True
-            capped = (
-                f"; --epochs {cfg.epochs} caps it (the limit would fit {wanted} steps): pass "
-                f"more --epochs, or --time-limit alone, to use the whole limit"
-            )
-        print(
-            f"plan: {'' if first else f'{before} → '}{p.total_steps} steps "
-            f"({p.total_steps / self.steps_per_epoch:.1f} epochs) to end within --time-limit "
-            f"{cfg.time_limit:g} min ({step_time * 1e3:.0f} ms/step, {epoch_end:.1f} s per "
-            f"epoch end){capped}",
-            file=sys.stderr,
-        )
-
-    # -- logging --------------------------------------------------------------------------------
-    def _check_logs(self) -> None:
-        """Before anything in the run directory changes: the records this run appends to or
-        replaces must be writable (a read-only metrics.jsonl would otherwise fail after
-        config.yaml took the new settings).
-
-        Raises:
-            ConfigError: naming the file.
-        """
-        for name in ("metrics.jsonl", "config.yaml"):
-            path = self.out / name
-            if path.exists() and not os.access(path, os.W_OK):
-                raise ConfigError(
-                    f"{path} is not writable; make it writable (chmod u+w) or choose another "
-                    f"--out-dir"
-                )
-
-    def _open_logs(self) -> Any:
-        from torch.utils.tensorboard import SummaryWriter
-
-        metrics = self.out / "metrics.jsonl"
-        if self.resumed_from is not None and metrics.exists():
-            # Drop what the interrupted run logged after its checkpoint (it is about to be
-            # redone): the kept lines replace the file in one rename, never a truncate-and-write
-            # that a fault could cut short.
-            text = metrics.read_text(errors="replace")
-            keep = read_metrics(metrics, self.progress.step)
-            if len(keep) != sum(1 for line in text.splitlines() if line.strip()):
-                with atomic_write(metrics) as f:
-                    f.write("".join(line + "\n" for line in keep))
-        self._metrics_file = metrics.open("a")
-        # TensorBoard hides events at steps >= purge_step: the checkpoint's own step was logged
-        # before it was saved (its validation, its last train point), so the redone steps start
-        # one later.
-        purge = self.progress.step + 1 if self.resumed_from is not None else None
-        return SummaryWriter(str(self.out), purge_step=purge)
-
-    def _log(
-        self, writer: Any, kind: str, values: dict[str, Any], records: dict[str, Any] | None = None
-    ) -> None:
-        """One line of ``metrics.jsonl`` (``values`` and the non-scalar ``records``); the
-        numbers as TensorBoard scalars."""
-        if writer is None:  # DDP ranks other than 0
-            return
-        p = self.progress
-        # "seconds": since this process started (the time-to-accuracy curve).
-        seconds = round(time.monotonic() - self.t_start, 2)
-        record = {"kind": kind, "step": p.step, "epoch": p.epoch, "seconds": seconds, **values}
-        record |= records or {}
-        self._metrics_file.write(json.dumps(record) + "\n")
-        self._metrics_file.flush()
-        for k, v in values.items():
-            if k != "n" and isinstance(v, int | float):
-                writer.add_scalar(scalar_tag(kind, k), v, p.step)
+        self._cap_said |= cap
+        line = plan_line(
+            p, before if self._planned else None, self.steps_per_epoch, cfg.time_limit,
+            step_time=step_time, epoch_end=epoch_end, epochs=cfg.epochs if cap else None,
+            wanted=wanted,
+        )  # fmt: skip
+        print(line, file=sys.stderr)
+        self._planned = True
 
     # -- signals --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -552,7 +481,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for note in self.resume_notes:
                 print(f"resume: {note}", file=sys.stderr)
-            self._check_logs()
+            RunLog.check_writable(self.out)
             write_config(self.out, cfg)
             if self.resumed_from is not None and p.step >= p.total_steps:
                 print(
@@ -567,7 +496,8 @@ class Trainer:
                     f"of {self.resumed_from}",
                     file=sys.stderr,
                 )
-        writer = self._open_logs() if self.is_main else None
+        runlog = RunLog(self.out, p, self.t_start, cfg.batch_size, self.steps_per_epoch)
+        writer = runlog.open(resumed=self.resumed_from is not None) if self.is_main else None
         if writer is not None and p.step == 0:  # what the run is, and the untrained model
             writer.add_text("run/config", config_text(cfg), 0)
             self.task.on_train_start(writer, self.eval_model(), 0)
@@ -586,8 +516,8 @@ class Trainer:
         # Without a terminal (a log file, a job scheduler, CI) a line per epoch, and within a
         # long epoch one a minute at a log step, instead of the bar.
         lines = quiet and self.is_main
-        self._line_at, self._line_step = self.t_train, p.step
-        self._first_step, stats = p.step, None
+        runlog.start_lines(self.t_train)
+        stats = None
         try:
             with self._catch_signals():
                 while p.step < p.total_steps:
@@ -621,9 +551,10 @@ class Trainer:
                             # Share of the wall time spent waiting for the next batch.
                             stats["data_wait"] = self._data_clock.take() / (now - t_log)
                             t_log, seen = now, 0
-                            self._log(writer, "train", stats)
-                            if lines and now - self._line_at >= 60:
-                                self._progress_line(stats)
+                            if writer is not None:
+                                runlog.log("train", stats)
+                            if lines and now - runlog.line_at >= 60:
+                                runlog.progress_line(stats)
                         if cfg.save_every and p.step % cfg.save_every == 0:
                             self.save()
                         self._check_signal()
@@ -631,9 +562,9 @@ class Trainer:
                             break
                     bar.close()
                     if lines and stats is not None:
-                        self._progress_line(stats)
+                        runlog.progress_line(stats)
                     t_end = time.monotonic()
-                    if self._end_epoch(writer):
+                    if self._end_epoch(runlog if writer is not None else None):
                         epoch_end = time.monotonic() - t_end
                     if timed and p.step < 0.9 * p.total_steps:
                         if t_fit is None or p.step <= step_fit:  # epochs shorter than 12 steps
@@ -652,30 +583,12 @@ class Trainer:
             if bar is not None:  # before any message: a Ctrl-C line must not join the bar's
                 bar.close()
             if writer is not None:
-                writer.close()
-                self._metrics_file.close()
+                runlog.close()
         return self.last_metrics
 
-    def _progress_line(self, stats: dict[str, Any]) -> None:
-        """One progress line on stderr: step, loss, lr, images/s since the last line, elapsed
-        and estimated remaining time (from this process's steps so far)."""
-        p, now = self.progress, time.monotonic()
-        steps = p.step - self._line_step
-        rate = steps * self.cfg.batch_size / max(now - self._line_at, 1e-9)
-        per_step = (now - self.t_train) / max(1, p.step - self._first_step)
-        left = (p.total_steps - p.step) * per_step
-        epochs = math.ceil(p.total_steps / self.steps_per_epoch)
-        print(
-            f"epoch {p.epoch + (p.batch_in_epoch > 0)}/{epochs} step {p.step}/{p.total_steps}: "
-            f"loss {float(stats['loss']):.4f}, lr {float(stats['lr']):.2e}, {rate:.0f} images/s, "
-            f"{_duration(now - self.t_start)} elapsed, ~{_duration(left)} left",
-            file=sys.stderr,
-        )
-        self._line_at, self._line_step = now, p.step
-
-    def _end_epoch(self, writer: Any) -> bool:
+    def _end_epoch(self, runlog: RunLog | None) -> bool:
         """Count the epoch; every ``val_every`` epochs and at the end, validate, log and save.
-        Returns whether it validated."""
+        Returns whether it validated. ``runlog``: None on DDP ranks other than 0."""
         p = self.progress
         p.epoch += 1
         p.batch_in_epoch = 0
@@ -684,38 +597,17 @@ class Trainer:
         metrics = self.validate()
         self.last_metrics = metrics
         primary = metrics[self.task.primary_metric]
-        self._log(writer, "val", metrics, self.task.records())
+        if runlog is not None:
+            runlog.log("val", metrics, self.task.records())
+        writer = runlog.writer if runlog is not None else None
         self.task.on_epoch_end(writer, self.eval_model(), p.step, p.epoch - 1)
         if primary > p.best:
             p.best = primary
             self.save("best.pt")
         self.save()
-        if writer is None:  # DDP ranks other than 0
-            return True
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "n" and "/" not in k)
-        print(
-            f"epoch {p.epoch} step {p.step}/{p.total_steps}: val {shown} "
-            f"(best {self.task.primary_metric} {_fmt(p.best)}) "
-            f"[{time.monotonic() - self.t_start:.0f} s]",
-            file=sys.stderr,
-        )
-        writer.flush()
+        if runlog is not None:
+            runlog.val_line(metrics, self.task.primary_metric)
         return True
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def _fmt(value: float) -> str:
-    """A metric for the progress line: four decimals, so 1.0000 and 0.9660 line up."""
-    return f"{value:.4f}"
 
 
 def train(cfg: RunConfig, command: str = "", notes: Sequence[str] = ()) -> dict[str, Any]:
@@ -749,13 +641,3 @@ def train(cfg: RunConfig, command: str = "", notes: Sequence[str] = ()) -> dict[
         "seconds": round(time.monotonic() - trainer.t_start, 1),
         "out_dir": str(trainer.out),
     }
-
-
-def _timm_keys(
-    model: dict[str, Any], ema: dict[str, Any] | None, scaler: dict[str, Any], epoch: int
-) -> dict[str, Any]:
-    """The entries of a timm training checkpoint (timm/models/_helpers.py) that alias ours."""
-    keys = {"state_dict": model, "state_dict_ema": ema, "epoch": epoch}
-    if scaler:  # timm's NativeScaler wraps a torch.amp.GradScaler under this key
-        keys["amp_scaler"] = scaler
-    return keys
