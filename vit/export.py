@@ -184,7 +184,6 @@ def timm_pretrained_cfg(
     of another class count by them)."""
     from vit.models import VisionTransformer
 
-    size = preprocess.img_size
     if isinstance(model, VisionTransformer):
         from vit.timm_interop import pretrained_cfg
 
@@ -194,16 +193,14 @@ def timm_pretrained_cfg(
 
         base = filter_pretrained_cfg(dict(getattr(model, "pretrained_cfg", {})), remove_source=True)
         base.pop("state_dict", None)
-    return base | {
-        "input_size": (3, size, size),
-        "mean": preprocess.mean,
-        "std": preprocess.std,
-        "interpolation": preprocess.interpolation,
-        "crop_pct": 1.0,
-        "crop_mode": "squash" if preprocess.resize == "squash" else "center",
-        "num_classes": len(class_names),
-        "label_names": class_names,
-    }
+    return (
+        base
+        | preprocess.timm_data_config()
+        | {
+            "num_classes": len(class_names),
+            "label_names": class_names,
+        }
+    )
 
 
 def _finite(value: Any) -> Any:

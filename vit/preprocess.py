@@ -286,6 +286,19 @@ class Preprocess:
         )
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
+    def timm_data_config(self) -> dict[str, Any]:
+        """These settings as timm's ``pretrained_cfg`` keys (read by
+        ``timm.data.resolve_data_config``). With crop_pct 1.0, timm's centre crop is ours: the
+        shorter side to the size, then the centre square."""
+        return {
+            "input_size": (3, self.img_size, self.img_size),
+            "mean": self.mean,
+            "std": self.std,
+            "interpolation": self.interpolation,
+            "crop_pct": 1.0,
+            "crop_mode": "squash" if self.resize == "squash" else "center",
+        }
+
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 images (..., 3, H, W) → float32, normalised, on the images' device."""
         mean, std = _stats(self.mean, self.std, images.device)

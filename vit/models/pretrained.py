@@ -337,17 +337,11 @@ def _pretrained_cfg(config: dict[str, Any], preprocess: Preprocess) -> dict[str,
     """timm's ``pretrained_cfg`` keys, read by ``timm.data.resolve_data_config``. With crop_pct
     1.0, timm's centre crop is ours: the shorter side to the size, then the centre square."""
     classify = config["task"] != "caption"
-    size = preprocess.img_size
     stored = config.get("pretrained_cfg")
     return {
         **(stored if isinstance(stored, dict) else {}),  # first_conv, classifier, ... (timm layout)
         "architecture": config["architecture"],
-        "input_size": (3, size, size),
-        "mean": preprocess.mean,
-        "std": preprocess.std,
-        "interpolation": preprocess.interpolation,
-        "crop_pct": 1.0,
-        "crop_mode": "squash" if preprocess.resize == "squash" else "center",
+        **preprocess.timm_data_config(),
         "num_classes": len(config["class_names"]) if classify else 0,
         "label_names": list(config["class_names"]) if classify else None,
     }
